@@ -1,0 +1,13 @@
+"""qwen2vl_fast: a custom-kernel inference engine for Qwen2-VL and Qwen2.5-VL."""
+
+from .errors import BackendError, CheckpointError, ConfigError, InputError, Qwen2VLFastError
+
+__version__ = "0.1.0"
+__all__ = ["load", "Qwen2VLFastError", "ConfigError", "CheckpointError", "InputError", "BackendError", "__version__"]
+
+
+def load(path, device="cpu", dtype=None, backend="auto", progress=None):
+    """Load a checkpoint directory into a model with the call signature of transformers' model. See `model.load`."""
+    from .model import load as _load
+
+    return _load(path, device=device, dtype=dtype, backend=backend, progress=progress)

@@ -1,0 +1,25 @@
+"""Every error this package raises on purpose derives from `Qwen2VLFastError`.
+
+Callers catch one class; the subclasses say which layer refused the input, and the message says what was
+wrong (the file, the tensor, the key, the value) and, where one exists, how to fix it.
+"""
+
+
+class Qwen2VLFastError(Exception):
+    """Base class of every error qwen2vl_fast raises on purpose."""
+
+
+class ConfigError(Qwen2VLFastError, ValueError):
+    """A config.json (or a config dict) is unreadable, of an unknown model type or inconsistent."""
+
+
+class CheckpointError(Qwen2VLFastError):
+    """A checkpoint directory is missing files or tensors, or holds truncated, mismatched or unexpected data."""
+
+
+class InputError(Qwen2VLFastError, ValueError):
+    """Model inputs (ids, masks, pixel values, grids) are malformed or disagree with each other."""
+
+
+class BackendError(Qwen2VLFastError, ValueError):
+    """An unknown backend was asked for, or an op has no implementation for the requested backend/device."""

@@ -1,0 +1,1 @@
+"""Test and benchmark support: random-weight checkpoints in the HF format at real model shapes."""
