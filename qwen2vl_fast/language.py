@@ -1,0 +1,82 @@
+"""The Qwen2 decoder with M-RoPE. Composes ops; holds no math of its own.
+
+Each layer: h = h + o_proj(attn(rms(h))); h = h + down(silu(gate) * up)(rms(h)), with q/k/v biases, GQA and
+the norm of the next sub-layer fused with the residual add (`add_rms_norm`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import ModelConfig
+from .ops import OpTable
+
+
+@dataclass
+class DecoderLayer:
+    input_norm: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    o_w: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up_w: torch.Tensor
+    down_w: torch.Tensor
+
+
+class LanguageModel:
+    def __init__(self, cfg: ModelConfig, weights: dict, ops: OpTable):
+        t = cfg.text
+        self.t, self.ops = t, ops
+        self.embed_w = weights["model.embed_tokens.weight"]
+        self.layers = []
+        for i in range(t.num_hidden_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(DecoderLayer(
+                input_norm=weights[p + "input_layernorm.weight"],
+                qkv_w=weights[p + "self_attn.qkv_proj.weight"], qkv_b=weights[p + "self_attn.qkv_proj.bias"],
+                o_w=weights[p + "self_attn.o_proj.weight"],
+                post_norm=weights[p + "post_attention_layernorm.weight"],
+                gate_up_w=weights[p + "mlp.gate_up_proj.weight"], down_w=weights[p + "mlp.down_proj.weight"],
+            ))
+        self.norm_w = weights["model.norm.weight"]
+        self.lm_head_w = weights["lm_head.weight"]
+        self.dtype, self.device = self.embed_w.dtype, self.embed_w.device
+        dim = t.head_dim
+        # inv_freq as transformers builds it: fp32, theta ** (arange(0, D, 2) / D)
+        self.inv_freq = (1.0 / (t.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+                         ).to(self.device)
+        self.scale = dim ** -0.5
+        self.split = (t.num_attention_heads * dim, t.num_key_value_heads * dim, t.num_key_value_heads * dim)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.ops.embedding(input_ids, self.embed_w)
+
+    def __call__(self, embeds: torch.Tensor, position_ids: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """embeds (B, L, hidden), position_ids (3, B, L) -> final-normed hidden states (B, L, hidden)."""
+        ops, t, eps = self.ops, self.t, self.t.rms_norm_eps
+        b, L, _ = embeds.shape
+        cos, sin = ops.mrope_cos_sin(position_ids, self.inv_freq, t.mrope_section, embeds.dtype)
+        key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        residual = embeds
+        h = ops.rms_norm(embeds, self.layers[0].input_norm, eps)
+        for i, layer in enumerate(self.layers):
+            qkv = ops.linear(h, layer.qkv_w, layer.qkv_b)
+            q, k, v = qkv.split(self.split, dim=-1)
+            q = q.view(b, L, t.num_attention_heads, t.head_dim)
+            k = k.view(b, L, t.num_key_value_heads, t.head_dim)
+            v = v.view(b, L, t.num_key_value_heads, t.head_dim)
+            q, k = ops.apply_rotary(q, k, cos, sin)
+            attn = ops.causal_attention(q, k, v, key_mask, self.scale)
+            attn = ops.linear(attn.reshape(b, L, -1), layer.o_w)
+            h, residual = ops.add_rms_norm(attn, residual, layer.post_norm, eps)
+            mlp = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up_w)), layer.down_w)
+            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm_w
+            h, residual = ops.add_rms_norm(mlp, residual, next_norm, eps)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear(hidden, self.lm_head_w)

@@ -1,0 +1,30 @@
+"""Normalisations (references, transformers' numerics exactly; REFERENCE.md §2, §9)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .registry import reference
+
+
+@reference("layer_norm")
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim (Qwen2-VL ViT, merger ln_q); PyTorch accumulates in fp32 internally."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@reference("rms_norm")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2RMSNorm: normalise in fp32, round to the input dtype, then multiply by the weight in that dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@reference("add_rms_norm")
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """residual' = residual + x; returns (rms_norm(residual'), residual'). The fused form of a decoder's
+    `h = h + sublayer(...)` followed by the next norm; kernels do both in one pass over the row."""
+    residual = residual + x
+    return rms_norm(residual, weight, eps), residual

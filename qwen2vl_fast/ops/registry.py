@@ -1,0 +1,136 @@
+"""The op registry: every op has a PyTorch reference and zero or more fast implementations.
+
+An implementation is registered under a backend name ("torch", "triton", "cuda") with a predicate saying
+whether it can run on a device (Triton needs CUDA or the interpreter, the CUDA extension needs a build and a
+GPU). `resolve(backend, device)` turns a backend request into one callable per op, once, at model load:
+
+- "torch": the references everywhere;
+- "triton" / "cuda": that backend's implementation for every op that has one that runs on the device, the
+  next one down the chain (cuda -> triton -> torch) for the others; asking for a backend that runs no op at
+  all on this device is an error rather than a silent run of the references;
+- "auto": per op, the first of cuda, triton, torch that runs on the device.
+
+`OpTable.chosen` records what each op resolved to, so the choice is never hidden.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import BackendError
+
+BACKENDS = ("torch", "triton", "cuda")
+BACKEND_ENV = "QWEN2VL_FAST_BACKEND"
+_CHAIN = {"cuda": ("cuda", "triton", "torch"), "triton": ("triton", "torch"), "torch": ("torch",),
+          "auto": ("cuda", "triton", "torch")}
+
+
+def _always(device: torch.device) -> bool:
+    return True
+
+
+@dataclass
+class Op:
+    name: str
+    doc: str
+    impls: dict = field(default_factory=dict)  # backend -> (fn, runs_on(device) -> bool)
+
+    @property
+    def reference(self) -> Callable:
+        return self.impls["torch"][0]
+
+    def implementations(self, device=None) -> list[str]:
+        """Backends implemented for this op; with `device`, only those that run there."""
+        if device is None:
+            return [b for b in BACKENDS if b in self.impls]
+        dev = torch.device(device)
+        return [b for b in BACKENDS if b in self.impls and self.impls[b][1](dev)]
+
+    def pick(self, backend: str, device) -> str:
+        runnable = self.implementations(device)
+        return next(b for b in _CHAIN[backend] if b in runnable)
+
+
+_OPS: dict[str, Op] = {}
+
+
+def reference(name: str):
+    """Decorator: register `fn` as the PyTorch reference of op `name` (creating the op)."""
+
+    def wrap(fn):
+        if name in _OPS:
+            raise RuntimeError(f"op {name!r} registered twice")
+        _OPS[name] = Op(name=name, doc=(fn.__doc__ or "").strip().split("\n")[0], impls={"torch": (fn, _always)})
+        return fn
+
+    return wrap
+
+
+def implementation(name: str, backend: str, runs_on: Callable[[torch.device], bool]):
+    """Decorator: register a fast implementation of an existing op for `backend`."""
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"fast implementations are 'triton' or 'cuda', not {backend!r}")
+
+    def wrap(fn):
+        _OPS[name].impls[backend] = (fn, runs_on)
+        return fn
+
+    return wrap
+
+
+def get_op(name: str) -> Op:
+    return _OPS[name]
+
+
+def all_ops() -> dict[str, Op]:
+    return dict(_OPS)
+
+
+def normalize_backend(backend: str | None) -> str:
+    """Apply the environment override and validate the name."""
+    env = os.environ.get(BACKEND_ENV)
+    chosen = env if env else (backend or "auto")
+    if chosen not in _CHAIN:
+        source = f"environment variable {BACKEND_ENV}" if env else "backend argument"
+        raise BackendError(f"unknown backend {chosen!r} from the {source}; choose one of auto, torch, triton, cuda")
+    return chosen
+
+
+class OpTable:
+    """One resolved callable per op, as attributes: `table.rms_norm(x, w, eps)`."""
+
+    def __init__(self, backend: str, device, fns: dict[str, Callable], chosen: dict[str, str]):
+        self.backend, self.device, self.chosen = backend, torch.device(device), chosen
+        self.__dict__.update(fns)
+
+    def __repr__(self) -> str:
+        picked = ", ".join(f"{k}={v}" for k, v in sorted(self.chosen.items()))
+        return f"OpTable(backend={self.backend!r}, device={self.device}, {picked})"
+
+
+def resolve(backend: str | None = "auto", device="cpu") -> OpTable:
+    backend = normalize_backend(backend)
+    dev = torch.device(device)
+    chosen = {name: op.pick(backend, dev) for name, op in _OPS.items()}
+    if backend in ("triton", "cuda") and backend not in chosen.values():
+        have = sorted({b for op in _OPS.values() for b in op.implementations()})
+        raise BackendError(
+            f"backend {backend!r} has no op that runs on {dev} here (implemented backends: {', '.join(have)}); "
+            f"use backend='auto' or 'torch'")
+    fns = {name: _OPS[name].impls[b][0] for name, b in chosen.items()}
+    return OpTable(backend, dev, fns, chosen)
+
+
+def available(device=None) -> dict[str, dict]:
+    """Every op: its implementations, the ones that run on `device` (default: cuda if present, else cpu)
+    and the one `auto` picks there."""
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return {
+        name: {"implementations": op.implementations(), "runs_here": op.implementations(dev),
+               "auto": op.pick("auto", dev), "doc": op.doc}
+        for name, op in sorted(_OPS.items())
+    }

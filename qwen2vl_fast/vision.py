@@ -1,0 +1,101 @@
+"""The vision tower and its 2x2 merger, for both families. Composes ops; holds no math of its own.
+
+Qwen2-VL: LayerNorm blocks with a QuickGELU MLP, attention per frame in every block.
+Qwen2.5-VL: RMSNorm blocks with a SwiGLU MLP; attention inside 64-token windows except in the
+`fullatt_block_indexes` blocks; tokens are permuted into window order before block 0 and back after the merger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import ModelConfig
+from .errors import InputError
+from .ops import OpTable
+from .positions import VisionMeta, vision_metadata
+
+
+@dataclass
+class VisionBlock:
+    norm1_w: torch.Tensor
+    norm1_b: Optional[torch.Tensor]
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    norm2_w: torch.Tensor
+    norm2_b: Optional[torch.Tensor]
+    up_w: torch.Tensor  # fc1 (Qwen2-VL) or fused gate/up (Qwen2.5-VL)
+    up_b: torch.Tensor
+    down_w: torch.Tensor  # fc2 or down_proj
+    down_b: torch.Tensor
+    full_attention: bool
+
+
+class VisionTower:
+    def __init__(self, cfg: ModelConfig, weights: dict, ops: OpTable):
+        self.cfg, self.v, self.ops = cfg, cfg.vision, ops
+        v = self.v
+        self.gated = v.uses_windows
+        up, down = ("mlp.gate_up_proj", "mlp.down_proj") if self.gated else ("mlp.fc1", "mlp.fc2")
+        self.patch_w = weights["visual.patch_embed.weight"]
+        self.blocks = []
+        for i in range(v.depth):
+            p = f"visual.blocks.{i}."
+            self.blocks.append(VisionBlock(
+                norm1_w=weights[p + "norm1.weight"], norm1_b=weights.get(p + "norm1.bias"),
+                qkv_w=weights[p + "attn.qkv.weight"], qkv_b=weights[p + "attn.qkv.bias"],
+                proj_w=weights[p + "attn.proj.weight"], proj_b=weights[p + "attn.proj.bias"],
+                norm2_w=weights[p + "norm2.weight"], norm2_b=weights.get(p + "norm2.bias"),
+                up_w=weights[p + up + ".weight"], up_b=weights[p + up + ".bias"],
+                down_w=weights[p + down + ".weight"], down_b=weights[p + down + ".bias"],
+                full_attention=(not v.uses_windows) or i in v.fullatt_block_indexes,
+            ))
+        self.ln_q_w, self.ln_q_b = weights["visual.merger.ln_q.weight"], weights.get("visual.merger.ln_q.bias")
+        self.fc1_w, self.fc1_b = weights["visual.merger.fc1.weight"], weights["visual.merger.fc1.bias"]
+        self.fc2_w, self.fc2_b = weights["visual.merger.fc2.weight"], weights["visual.merger.fc2.bias"]
+        self.dtype, self.device = self.patch_w.dtype, self.patch_w.device
+        self.scale = v.head_dim ** -0.5
+
+    def _norm(self, x, w, b):
+        if b is None:
+            return self.ops.rms_norm(x, w, self.v.norm_eps)
+        return self.ops.layer_norm(x, w, b, self.v.norm_eps)
+
+    def __call__(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
+        """pixel_values (N, C*2*14*14) in the processor's merge-group order -> (N/4, LLM hidden) in the same order."""
+        meta = vision_metadata(self.cfg, grid_thw, self.device)
+        if pixel_values.dim() != 2 or pixel_values.shape != (meta.num_patches, self.v.patch_dim):
+            raise InputError(f"pixel values of shape {tuple(pixel_values.shape)} do not match the grids: expected "
+                             f"({meta.num_patches}, {self.v.patch_dim}) for grid_thw {_rows(grid_thw)}")
+        return self.forward(pixel_values.to(self.device), meta)
+
+    def forward(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        ops, unit = self.ops, self.v.merge_unit
+        x = ops.patch_embed(pixel_values, self.patch_w)
+        s, e = x.shape
+        if meta.window_index is not None:
+            x = x.view(s // unit, unit, e)[meta.window_index].reshape(s, e)
+        for blk in self.blocks:
+            segments = meta.full if blk.full_attention or meta.window is None else meta.window
+            h = self._norm(x, blk.norm1_w, blk.norm1_b)
+            qkv = ops.linear(h, blk.qkv_w, blk.qkv_b)
+            q, k, v = ops.vision_rotary(qkv, meta.cos, meta.sin, self.v.num_heads)
+            attn = ops.varlen_attention(q, k, v, segments, self.scale)
+            x = x + ops.linear(attn.reshape(s, e), blk.proj_w, blk.proj_b)
+            h = self._norm(x, blk.norm2_w, blk.norm2_b)
+            h = ops.linear(h, blk.up_w, blk.up_b)
+            h = ops.silu_and_mul(h) if self.gated else ops.quick_gelu(h)
+            x = x + ops.linear(h, blk.down_w, blk.down_b)
+        x = self._norm(x, self.ln_q_w, self.ln_q_b).view(s // unit, unit * e)
+        x = ops.linear(ops.gelu(ops.linear(x, self.fc1_w, self.fc1_b)), self.fc2_w, self.fc2_b)
+        if meta.reverse_index is not None:
+            x = x[meta.reverse_index]
+        return x
+
+
+def _rows(grid) -> list:
+    return torch.as_tensor(grid).reshape(-1, 3).tolist()
