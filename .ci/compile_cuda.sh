@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Compile every Torch-free CUDA kernel file in csrc/ for Hopper with nvcc alone. Nothing CUDA runs on the
+# CI machine, but a kernel that does not compile never reaches the GPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mapfile -t files < <(find csrc -name '*.cu' | sort)
+if [ ${#files[@]} -eq 0 ]; then
+  echo "no .cu kernel files in csrc/ yet"
+  exit 0
+fi
+if ! command -v nvcc >/dev/null; then
+  echo "nvcc not found: skipping the compile check of ${#files[@]} .cu files"
+  exit 0
+fi
+out=$(mktemp -d)
+for f in "${files[@]}"; do
+  if grep -q '#include <torch\|#include <ATen\|#include <c10' "$f"; then
+    echo "error: $f includes Torch headers; kernel files must stay Torch-free (bindings go in .cpp)"
+    exit 1
+  fi
+  nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Icsrc -c "$f" -o "$out/$(basename "$f").o"
+  echo "ok  $f"
+done

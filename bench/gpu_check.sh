@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh -- everything one scarce GPU call should do, in well under its 10-minute limit.
+#
+# Steps: versions and nvidia-smi; offline install (which builds the CUDA extension); the GPU tests
+# (`pytest -m gpu`); the rest of the suite with QWEN2VL_FAST_TEST_DEVICE=cuda; the full-model forward
+# benchmark on the qwen2-vl-2b and qwen2.5-vl-3b presets. Each step runs under `timeout`, inside one overall
+# budget; a failed step is reported and the next one still runs. A summary table is printed last.
+#
+# Usage, from the repository root (on the lent GPU machine `$OUT` is the folder that comes back):
+#     bash bench/gpu_check.sh
+#     QWEN2VL_FAST_GIT_COMMIT=<hash here> GPU_CHECK_STEPS="install bench-2b" bash bench/gpu_check.sh
+# Output: everything tee'd to ${OUT:-bench/results/_scratch}/gpu_check.log; result JSON files in bench/results
+# and copied next to the log (QWEN2VL_FAST_BENCH_OUT). At most 8 files come back from $OUT: keep it that way.
+# Knobs (environment): GPU_CHECK_STEPS (default: all of env install gpu-tests tests bench-2b bench-3b),
+# GPU_CHECK_BUDGET_S (default 560 s for everything), PYTHON (default python3), BENCH_REPS (default 10).
+# The copied tree has no .git there: pass the commit as QWEN2VL_FAST_GIT_COMMIT (and _DIRTY=1 if so).
+
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR="${OUT:-bench/results/_scratch}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+PY="${PYTHON:-python3}"  # the lent machines have python3 (with torch), maybe no `python`
+STEPS="${GPU_CHECK_STEPS:-env install gpu-tests tests bench-2b bench-3b}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-560}"
+REPS="${BENCH_REPS:-10}"
+export PYTHONUNBUFFERED=1
+export QWEN2VL_FAST_BENCH_OUT="$OUT_DIR"
+export MAX_JOBS="${MAX_JOBS:-16}"  # parallel nvcc jobs for the extension build (torch cpp_extension)
+
+SUMMARY=()
+FAILED=0
+
+# step NAME LIMIT_S CMD...: run CMD under `timeout`, capped by what is left of the overall budget.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+    local left=$((BUDGET_S - SECONDS - 5))
+    if ((left < limit)); then limit=$left; fi
+    if ((limit < 15)); then
+        SUMMARY+=("$(printf '%-10s %-16s %6s' "$name" "skipped (budget)" "-")")
+        FAILED=$((FAILED + 1))
+        return 0
+    fi
+    echo
+    echo "=== [$name] limit ${limit}s: $*"
+    local start=$SECONDS rc
+    timeout -k 10 "$limit" "$@"
+    rc=$?
+    local took=$((SECONDS - start)) verdict="ok"
+    if ((rc == 124 || rc == 137)); then verdict="TIMEOUT"; elif ((rc != 0)); then verdict="FAILED rc=$rc"; fi
+    if [[ $name == *tests && $rc == 5 ]]; then verdict="no tests"; fi  # pytest: nothing collected
+    [[ $verdict == ok || $verdict == "no tests" ]] || FAILED=$((FAILED + 1))
+    echo "=== [$name] $verdict in ${took}s"
+    SUMMARY+=("$(printf '%-10s %-16s %5ss' "$name" "$verdict" "$took")")
+}
+
+main() {
+    echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ)  steps: $STEPS  budget: ${BUDGET_S}s  out: $OUT_DIR"
+    step env 60 bash -c "nvidia-smi; $PY -c 'import sys, torch; print(\"python\", sys.version.split()[0]);
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available())
+print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
+$PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|numpy|pytest|setuptools) '"
+    # No network there: --no-index --no-deps keep pip from retrying an index it cannot reach.
+    step install 240 "$PY" -m pip install --no-build-isolation --no-index --no-deps -e .
+    step gpu-tests 120 "$PY" -m pytest -q -m gpu tests
+    step tests 150 env QWEN2VL_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -x -m "not gpu" tests
+    step bench-2b 200 "$PY" bench/bench_model_forward.py --preset qwen2-vl-2b --reps "$REPS"
+    step bench-3b 220 "$PY" bench/bench_model_forward.py --preset qwen2.5-vl-3b --reps "$REPS"
+
+    echo
+    echo "=== summary (${SECONDS}s of ${BUDGET_S}s budget; log: $LOG)"
+    printf '%s\n' "${SUMMARY[@]}"
+    return $((FAILED > 0))
+}
+
+main 2>&1 | tee "$LOG"

@@ -1,0 +1,156 @@
+"""The benchmark harness on the CPU: timing, roofline arithmetic, FLOP counts, result files, benchmark inputs."""
+
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # `pytest tests` (not `python -m pytest`) leaves the repo root off sys.path
+    sys.path.insert(0, _ROOT)
+    from bench import bench_model_forward, flops, harness, results, roofline
+    sys.path.remove(_ROOT)  # the root also holds `kernels/`, a name transformers probes for
+else:
+    from bench import bench_model_forward, flops, harness, results, roofline
+
+from qwen2vl_fast.config import parse_config  # noqa: E402
+from qwen2vl_fast.presets import preset_config  # noqa: E402
+
+KEYS = {"median_ms", "p20_ms", "p80_ms", "n"}
+
+
+def test_time_fn_on_a_sleep():
+    t = harness.time_fn(lambda: time.sleep(0.002), warmup=1, rep=7, device="cpu")
+    assert KEYS <= t.keys() and t["n"] == 7 and t["method"] == "perf_counter"
+    assert 1.9 <= t["min_ms"] <= t["p20_ms"] <= t["median_ms"] <= t["p80_ms"] < 500
+
+
+def test_time_fn_cycles_through_inputs():
+    seen = []
+    inputs = [(i, f"x{i}") for i in range(3)]
+    t = harness.time_fn(lambda i, s: seen.append((i, s)), warmup=2, rep=5, inputs=inputs, device="cpu")
+    assert t["n"] == 5
+    assert [i for i, _ in seen] == [0, 1, 2, 0, 1, 2, 0]  # warm-up calls rotate too
+
+
+def test_time_fn_builds_rotating_inputs_from_make_fn():
+    made = []
+
+    def make():
+        made.append(torch.randn(256))  # 1 KiB each
+        return made[-1]
+
+    seen = []
+    harness.time_fn(lambda x: seen.append(x.data_ptr()), warmup=0, rep=8, inputs=make, rotate_bytes=4096)
+    assert len(made) == 4 and len(set(seen)) == 4
+
+
+def test_make_rotating_inputs_default_is_twice_l2():
+    copies = harness.make_rotating_inputs(lambda: (torch.empty(2**20), 3))  # 4 MiB a copy on the CPU
+    assert len(copies) == math.ceil(2 * harness.DEFAULT_L2_BYTES / 2**22)
+    assert all(isinstance(c, tuple) and c[1] == 3 for c in copies)
+    assert len(harness.make_rotating_inputs(lambda: torch.empty(8), 10**9, max_copies=5)) == 5
+
+
+def test_time_fn_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        harness.time_fn(lambda: None, rep=0, device="cpu")
+    with pytest.raises(ValueError):
+        harness.time_fn(lambda x: None, inputs=[(1,)], rotate_bytes=10, device="cpu")
+
+
+def test_summarize_quantiles_interpolate_like_numpy():
+    s = harness.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["median_ms"], s["p20_ms"], s["p80_ms"], s["n"]) == (3.0, pytest.approx(1.8), pytest.approx(4.2), 5)
+
+
+def test_roofline_fraction_compute_and_memory_bound():
+    ceil = dict(tflops=100.0, gbps=1000.0)  # ridge: 1e14 / 1e12 = 100 FLOP/byte
+    r = roofline.roofline_fraction(1e12, 1e9, 20.0, ceil)  # intensity 1000: compute; floor 10 ms
+    assert r["bound"] == "compute" and r["ridge"] == pytest.approx(100.0) and r["intensity"] == pytest.approx(1e3)
+    assert r["achieved_tflops"] == pytest.approx(50.0) and r["pct_of_tflops"] == pytest.approx(50.0)
+    assert r["achieved_gbps"] == pytest.approx(50.0) and r["pct_of_gbps"] == pytest.approx(5.0)
+    assert r["floor_ms"] == pytest.approx(10.0) and r["pct_of_roofline"] == pytest.approx(50.0)
+    m = roofline.roofline_fraction(1e9, 1e9, 4.0, ceil)  # intensity 1: memory; floor 1 ms
+    assert m["bound"] == "memory" and m["achieved_gbps"] == pytest.approx(250.0)
+    assert m["floor_ms"] == pytest.approx(1.0) and m["pct_of_roofline"] == pytest.approx(25.0)
+    assert roofline.roofline_fraction(1e9, 0, 1.0, ceil)["bound"] == "compute"
+    with pytest.raises(ValueError):
+        roofline.roofline_fraction(1e9, 1e9, 0.0, ceil)
+
+
+def test_measured_ceilings_on_cpu_are_positive_and_cached():
+    bw = roofline.measure_copy_bandwidth("cpu", nbytes=2**20, rep=3)
+    tf = roofline.measure_matmul_tflops("cpu", torch.float32, n=64, rep=3)
+    assert 0 < bw < 1e5 and 0 < tf < 1e3
+    assert roofline.measure_copy_bandwidth("cpu", nbytes=2**20) == bw  # cached: the same number, not remeasured
+    assert roofline.measure_matmul_tflops("cpu", torch.float32, n=64) == tf
+
+
+def test_flop_counts_match_transformers_weight_shapes():
+    # Matmul weights counted from transformers' modules built on the meta device (checked once, 2026-11).
+    c2, c3 = parse_config(preset_config("qwen2-vl-2b")), parse_config(preset_config("qwen2.5-vl-3b"))
+    assert flops.vision_matmul_params(c2.vision) == dict(per_patch=630650880, per_merged_token=34078720)
+    assert flops.text_matmul_params(c2.text) == 1543569408
+    assert flops.vision_matmul_params(c3.vision) == dict(per_patch=631470080, per_merged_token=36700160)
+    assert flops.text_matmul_params(c3.text) == 3085697024
+    # 10x6 patches -> 5x3 merged units -> windows of 4x3 and 1x3 units, 4 patches each.
+    assert flops.vision_sequences(c3.vision, [(1, 10, 6)], windowed=True) == [48, 12]
+    assert flops.vision_sequences(c3.vision, [(2, 10, 6)], windowed=False) == [60, 60]
+    t = flops.text_flops(c2.text, 3)
+    assert t["attention"] == 4 * 1536 * 6 * 28  # 3 tokens: 6 causal query-key pairs per layer
+
+
+def test_write_result_is_valid_json_with_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(results.OUT_ENV, raising=False)
+    payload = dict(ms=torch.tensor(1.5), dtype=torch.bfloat16, bad=float("nan"), rows=[(1, 2)])
+    path = results.write_result("demo", payload, tmp_path)
+    assert path.parent == tmp_path
+    assert re.fullmatch(r"demo-[a-z0-9-]+-\d{8}-\d{6}\.json", path.name)
+
+    def no_nan(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    doc = json.loads(path.read_text(), parse_constant=no_nan)
+    env = doc["environment"]
+    for key in ("gpu", "torch", "cuda", "triton", "transformers", "python", "git_commit", "git_dirty"):
+        assert key in env
+    assert doc["name"] == "demo" and env["torch"] == torch.__version__
+    assert doc["result"] == dict(ms=1.5, dtype="bfloat16", bad="nan", rows=[[1, 2]])
+    assert results.write_result("demo", {}, tmp_path, env=env) != path  # never overwrites, even in one second
+    assert len(list(tmp_path.glob("demo-*.json"))) == 2
+    with pytest.raises(ValueError):
+        results.write_result("../escape", {}, tmp_path)
+
+
+def test_write_result_also_copies_to_the_out_env_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(results.OUT_ENV, str(tmp_path / "out"))
+    path = results.write_result("demo", dict(x=1), tmp_path / "results", env=dict(gpu="NVIDIA H100 80GB HBM3"))
+    assert path.name.startswith("demo-nvidia-h100-80gb-hbm3-")
+    copy = tmp_path / "out" / path.name
+    assert copy.read_text() == path.read_text()
+
+
+def test_model_forward_inputs_layout():
+    cfg = parse_config(preset_config("qwen2-vl-2b"))
+    x = bench_model_forward.build_inputs(cfg, 1344, 896, 64, seed=0)
+    ids = x["input_ids"][0].tolist()
+    assert x["image_grid_thw"].tolist() == [[1, 64, 96]] and x["pixel_values"].shape == (6144, 1176)
+    assert len(ids) == 64 + 2 + 1536 and ids.count(151655) == 1536 and ids[0] == 151644
+    start = ids.index(151652)
+    assert ids[start + 1537] == 151653 and x["attention_mask"].shape == (1, len(ids))
+    assert sum(1 for i in ids if i < 1000) == 63
+    with pytest.raises(SystemExit):
+        bench_model_forward.build_inputs(cfg, 1344, 900, 64, seed=0)
+
+
+def test_compare_logits():
+    ref = torch.tensor([[[1.0, 2.0], [3.0, -4.0]]])
+    d = bench_model_forward.compare_logits(ref + torch.tensor([0.0, 0.5]), ref)
+    assert d["max_abs"] == 0.5 and d["max_rel"] == pytest.approx(0.125) and d["top1_agree"] == 1.0
+    assert "error" in bench_model_forward.compare_logits(ref[:, :1], ref)
