@@ -188,7 +188,12 @@ def main(argv=None) -> int:
 
     impls = [("ours", load_ours, {})]
     if not args.skip_transformers:  # use_cache=False: prefill logits only, as ours computes
-        impls.append(("transformers", load_transformers, dict(use_cache=False)))
+        from qwen2vl_fast.testing.hf_compat import mm_token_type_ids, transformers_major
+
+        hf_kw = dict(use_cache=False)
+        if transformers_major() >= 5:  # transformers 5 needs the per-token modality its processor returns
+            hf_kw["mm_token_type_ids"] = mm_token_type_ids(inputs["input_ids"]).to(args.device)
+        impls.append(("transformers", load_transformers, hf_kw))
     reports, logits = {}, {}
     for name, loader, kw in impls:
         reports[name], logits[name] = run_impl(name, loader, args, ckpt, cfg.model_type, inputs, kw)

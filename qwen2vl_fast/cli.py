@@ -116,9 +116,13 @@ def _check_against_transformers(path, cfg, ids, pixels, grid, logits, dtype, dev
         raise Qwen2VLFastError("--check needs transformers installed (pip install 'qwen2vl_fast[test]')") from None
     cls = (transformers.Qwen2VLForConditionalGeneration if cfg.model_type == "qwen2_vl"
            else transformers.Qwen2_5_VLForConditionalGeneration)
-    ref_model = cls.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+    from .testing.hf_compat import transformers_inputs
+
+    ref_model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
+    inputs = transformers_inputs(dict(input_ids=ids.to(device), pixel_values=pixels.to(device),
+                                      image_grid_thw=grid.to(device)))
     with torch.no_grad():
-        ref = ref_model(input_ids=ids.to(device), pixel_values=pixels.to(device), image_grid_thw=grid.to(device)).logits
+        ref = ref_model(**inputs).logits
     return float((logits.float() - ref.float()).norm() / ref.float().norm())
 
 

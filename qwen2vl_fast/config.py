@@ -177,6 +177,8 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def parse_config(raw: dict) -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a JSON object (dict), got {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ConfigError(
@@ -196,9 +198,11 @@ def parse_config(raw: dict) -> ModelConfig:
 
     text = _parse_text(raw, text_raw, text_key)
     vision = _parse_vision(model_type, vision_raw, raw, text.hidden_size)
-    tokens = {k: raw.get(k, text_raw.get(k, v)) for k, v in _TOKEN_DEFAULTS.items()}
-    if tokens["eos_token_id"] is None:
-        tokens["eos_token_id"] = _TOKEN_DEFAULTS["eos_token_id"]
+    # A null id means "not given", as for every other key: fall back to the text config, then the default.
+    tokens = {k: next((x for x in (raw.get(k), text_raw.get(k)) if x is not None), v)
+              for k, v in _TOKEN_DEFAULTS.items()}
+    for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        tokens[k] = _int(tokens[k], k)
     dtype = raw.get("torch_dtype", raw.get("dtype", text_raw.get("torch_dtype", text_raw.get("dtype"))))
     return ModelConfig(model_type=model_type, vision=vision, text=text, torch_dtype=dtype, raw=raw, **tokens)
 
@@ -212,7 +216,10 @@ def _parse_text(raw: dict, text_raw: dict, text_key) -> TextConfig:
     if rope_type not in ("mrope", "default"):
         raise ConfigError(f"unsupported rope type {rope_type!r}: only M-RoPE ('mrope'/'default') is implemented")
     theta = rope.get("rope_theta", text_key("rope_theta"))
-    section = tuple(int(s) for s in rope.get("mrope_section", (16, 24, 24)))
+    section = rope.get("mrope_section", (16, 24, 24))
+    if not isinstance(section, (list, tuple)):
+        raise ConfigError(f"mrope_section must be a list of 3 integers, got {section!r}")
+    section = tuple(_int(s, "mrope_section") for s in section)
     num_heads = _int(text_key("num_attention_heads"), "num_attention_heads")
     kv_heads = text_key("num_key_value_heads")
     tie = bool(raw.get("tie_word_embeddings", False)) or bool(text_raw.get("tie_word_embeddings", False))
@@ -223,8 +230,8 @@ def _parse_text(raw: dict, text_raw: dict, text_key) -> TextConfig:
         num_hidden_layers=_int(text_key("num_hidden_layers"), "num_hidden_layers"),
         num_attention_heads=num_heads,
         num_key_value_heads=_int(kv_heads if kv_heads is not None else num_heads, "num_key_value_heads"),
-        rms_norm_eps=float(text_key("rms_norm_eps")),
-        rope_theta=float(theta),
+        rms_norm_eps=_float(text_key("rms_norm_eps"), "rms_norm_eps"),
+        rope_theta=_float(theta, "rope_theta"),
         mrope_section=section,
         max_position_embeddings=_int(text_key("max_position_embeddings"), "max_position_embeddings"),
         tie_word_embeddings=tie,
@@ -241,7 +248,8 @@ def _parse_vision(model_type: str, v: dict, raw: dict, text_hidden: int) -> Visi
         return VisionConfig(
             family=QWEN2_VL, depth=_int(d["depth"], "vision_config.depth"), embed_dim=embed_dim,
             num_heads=_int(d["num_heads"], "vision_config.num_heads"),
-            mlp_hidden_size=int(embed_dim * float(d["mlp_ratio"])), hidden_act=str(d["hidden_act"]),
+            mlp_hidden_size=int(embed_dim * _float(d["mlp_ratio"], "vision_config.mlp_ratio")),
+            hidden_act=str(d["hidden_act"]),
             # The merger writes into the LLM: its width is vision_config.hidden_size (defaults to 3584).
             out_hidden_size=_int(d["hidden_size"], "vision_config.hidden_size"),
             in_channels=in_channels, patch_size=patch,
@@ -249,7 +257,11 @@ def _parse_vision(model_type: str, v: dict, raw: dict, text_hidden: int) -> Visi
             spatial_merge_size=_int(d["spatial_merge_size"], "vision_config.spatial_merge_size"),
         )
     d = {**_QWEN2_5_VL_VISION_DEFAULTS, **{k: x for k, x in v.items() if x is not None}}
-    tps = v.get("tokens_per_second", raw.get("tokens_per_second", d["tokens_per_second"]))
+    tps = next((x for x in (v.get("tokens_per_second"), raw.get("tokens_per_second")) if x is not None),
+               d["tokens_per_second"])
+    fullatt = d["fullatt_block_indexes"]
+    if not isinstance(fullatt, (list, tuple)):
+        raise ConfigError(f"vision_config.fullatt_block_indexes must be a list of integers, got {fullatt!r}")
     return VisionConfig(
         family=QWEN2_5_VL, depth=_int(d["depth"], "vision_config.depth"),
         embed_dim=_int(d["hidden_size"], "vision_config.hidden_size"),
@@ -261,8 +273,8 @@ def _parse_vision(model_type: str, v: dict, raw: dict, text_hidden: int) -> Visi
         temporal_patch_size=_int(d["temporal_patch_size"], "vision_config.temporal_patch_size"),
         spatial_merge_size=_int(d["spatial_merge_size"], "vision_config.spatial_merge_size"),
         window_size=_int(d["window_size"], "vision_config.window_size"),
-        fullatt_block_indexes=tuple(int(i) for i in d["fullatt_block_indexes"]),
-        tokens_per_second=float(tps),
+        fullatt_block_indexes=tuple(_int(i, "vision_config.fullatt_block_indexes") for i in fullatt),
+        tokens_per_second=_float(tps, "vision_config.tokens_per_second"),
     )
 
 
@@ -270,6 +282,12 @@ def _int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     return int(value)
+
+
+def _float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 _VISION_ACTS = {QWEN2_VL: ("quick_gelu",), QWEN2_5_VL: ("silu",)}

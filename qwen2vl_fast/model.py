@@ -39,6 +39,21 @@ class Qwen2VLFastOutput:
         return getattr(self, key)
 
 
+# transformers arguments that change nothing for a cache-less prefill, accepted when they ask for the default
+_NEUTRAL_KWARGS = {"use_cache": (None, False, True), "return_dict": (None, True), "output_attentions": (None, False),
+                   "output_hidden_states": (None, False), "rope_deltas": (None,), "cache_position": (None,),
+                   "past_key_values": (None,), "inputs_embeds": (None,)}
+
+
+def _check_unsupported(kwargs: dict) -> None:
+    for name, value in kwargs.items():
+        allowed = _NEUTRAL_KWARGS.get(name)
+        if allowed is None or not any(value is a for a in allowed):
+            raise InputError(f"argument {name}={value!r} is not supported by this forward (prefill without a "
+                             f"KV cache); supported: input_ids, attention_mask, pixel_values, image_grid_thw, "
+                             f"pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids, logits_to_keep")
+
+
 def resolve_dtype(dtype, cfg: ModelConfig) -> torch.dtype:
     """None or "auto" -> the checkpoint's `torch_dtype` (float32 if absent); strings and torch dtypes accepted."""
     if isinstance(dtype, torch.dtype):
@@ -92,11 +107,24 @@ class Qwen2VLFastModel:
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
                  pixel_values_videos: Optional[torch.Tensor] = None, video_grid_thw: Optional[torch.Tensor] = None,
-                 second_per_grid_ts=None, **unused) -> Qwen2VLFastOutput:
+                 second_per_grid_ts=None, position_ids: Optional[torch.Tensor] = None, logits_to_keep: int = 0,
+                 mm_token_type_ids: Optional[torch.Tensor] = None, **kwargs) -> Qwen2VLFastOutput:
+        """Prefill forward, as transformers' `forward` without a cache. `position_ids` (3, B, L) or (B, L)
+        overrides the M-RoPE ids (rope_deltas then come from them); `logits_to_keep` = k > 0 computes logits
+        for the last k positions only. `mm_token_type_ids` (what transformers 5 processors return) is accepted
+        and checked against the placeholders in input_ids, which remain the source of truth."""
+        _check_unsupported(kwargs)
         input_ids, attention_mask = self._check_text(input_ids, attention_mask)
+        if mm_token_type_ids is not None:
+            self._check_token_types(mm_token_type_ids, input_ids)
         # Positions first: they also check that the placeholders match the grids, before any scatter.
-        position_ids, rope_deltas = mrope_position_ids(
+        computed, rope_deltas = mrope_position_ids(
             self.config, input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts)
+        if position_ids is None:
+            position_ids = computed
+        else:
+            position_ids = self._check_positions(position_ids, input_ids)
+            rope_deltas = position_ids.max(0)[0].max(-1, keepdim=True)[0] + 1 - input_ids.shape[1]
         embeds = self.language_model.embed(input_ids)
         for pixels, grid, token_id, name in ((pixel_values, image_grid_thw, self.config.image_token_id, "image"),
                                              (pixel_values_videos, video_grid_thw, self.config.video_token_id, "video")):
@@ -108,9 +136,28 @@ class Qwen2VLFastModel:
             slots = (input_ids == token_id).unsqueeze(-1)
             embeds = embeds.masked_scatter(slots, features)
         hidden = self.language_model(embeds, position_ids, attention_mask)
+        if logits_to_keep:
+            hidden = hidden[:, -int(logits_to_keep):]
         return Qwen2VLFastOutput(logits=self.language_model.logits(hidden), rope_deltas=rope_deltas)
 
     forward = __call__
+
+    def _check_token_types(self, types, input_ids):
+        types = torch.as_tensor(types).to(self.device)
+        expected = ((input_ids == self.config.image_token_id).long()
+                    + 2 * (input_ids == self.config.video_token_id).long())
+        if types.shape != input_ids.shape or bool((types.long() != expected).any()):
+            raise InputError("mm_token_type_ids disagree with the <|image_pad|>/<|video_pad|> tokens of input_ids "
+                             "(expected 1 on image pads, 2 on video pads, 0 elsewhere)")
+
+    def _check_positions(self, position_ids, input_ids):
+        position_ids = torch.as_tensor(position_ids).to(self.device, torch.long)
+        if position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        if position_ids.shape != (3, *input_ids.shape):
+            raise InputError(f"position_ids shape {tuple(position_ids.shape)} must be (3, B, L) or (B, L) for "
+                             f"input_ids of shape {tuple(input_ids.shape)}")
+        return position_ids
 
     def _check_text(self, input_ids, attention_mask):
         input_ids = torch.as_tensor(input_ids)

@@ -81,3 +81,27 @@ def test_every_error_class_derives_from_the_base():
 def test_missing_checkpoint_directory(tmp_path):
     with pytest.raises(Qwen2VLFastError, match="config.json"):
         qwen2vl_fast.load(tmp_path / "nowhere")
+
+
+def test_logits_to_keep_and_explicit_position_ids(model):
+    inputs = image_inputs()
+    full = model(**inputs)
+    last = model(**inputs, logits_to_keep=1)
+    assert last.logits.shape == (1, 1, 151936) and torch.allclose(last.logits[:, 0], full.logits[:, -1], atol=1e-5)
+    from qwen2vl_fast.positions import mrope_position_ids
+
+    pos, _ = mrope_position_ids(model.config, inputs["input_ids"], None, inputs["image_grid_thw"])
+    same = model(**inputs, position_ids=pos)
+    assert torch.equal(same.logits, full.logits) and torch.equal(same.rope_deltas, full.rope_deltas)
+    shifted = model(**inputs, position_ids=pos + 5)
+    assert not torch.allclose(shifted.logits, full.logits)
+    with pytest.raises(InputError, match="position_ids shape"):
+        model(**inputs, position_ids=pos[:, :, :3])
+
+
+def test_transformers_arguments_we_do_not_implement_are_refused(model):
+    inputs = image_inputs()
+    model(**inputs, use_cache=False, return_dict=True, output_attentions=False)
+    for bad in (dict(output_hidden_states=True), dict(past_key_values=object()), dict(labels=torch.zeros(1))):
+        with pytest.raises(InputError, match="not supported"):
+            model(**inputs, **bad)

@@ -12,6 +12,7 @@ import transformers
 
 import qwen2vl_fast
 from qwen2vl_fast.testing.checkpoint_writer import write_random_checkpoint
+from qwen2vl_fast.testing.hf_compat import transformers_inputs
 
 IMG, VID, VS, VE = 151655, 151656, 151652, 151653
 TF_MAJOR = int(transformers.__version__.split(".")[0])
@@ -65,7 +66,7 @@ def run_both(path, dtype=torch.float32, device="cpu", **inputs):
     ours = qwen2vl_fast.load(path, device=device, dtype=dtype)(**inputs).logits
     hf = load_hf(path, dtype, device)
     with torch.no_grad():
-        ref = hf(**inputs).logits
+        ref = hf(**transformers_inputs(inputs)).logits
     return ours, ref
 
 
@@ -124,7 +125,7 @@ def test_rope_deltas_match_transformers(tiny_checkpoints, family):
     model = qwen2vl_fast.load(tiny_checkpoints[family], dtype=torch.float32)
     hf = load_hf(tiny_checkpoints[family], torch.float32)
     with torch.no_grad():
-        ref = hf(**inputs).rope_deltas
+        ref = hf(**transformers_inputs(inputs)).rope_deltas
     assert torch.equal(model(**inputs).rope_deltas.cpu(), ref)
 
 
@@ -134,9 +135,9 @@ def test_bf16_forward_within_twice_transformers_bf16_error(tiny_checkpoints, fam
     bf16 run errs (the DESIGN.md rule for low precision)."""
     inputs = cases(family)["two_odd_images"]
     path = tiny_checkpoints[family]
-    ref32 = load_hf(path, torch.float32)(**inputs).logits.detach()
+    ref32 = load_hf(path, torch.float32)(**transformers_inputs(inputs)).logits.detach()
     ours16 = qwen2vl_fast.load(path, dtype=torch.bfloat16)(**inputs).logits
-    hf16 = load_hf(path, torch.bfloat16)(**inputs).logits.detach()
+    hf16 = load_hf(path, torch.bfloat16)(**transformers_inputs(inputs)).logits.detach()
     assert ours16.dtype == torch.bfloat16 and torch.isfinite(ours16).all()
     ours_err, hf_err = rel_err(ours16, ref32), rel_err(hf16, ref32)
     assert ours_err <= 2 * hf_err + 1e-3, f"ours {ours_err:.3e} vs transformers bf16 {hf_err:.3e}"
@@ -183,7 +184,7 @@ def test_real_widths_reduced_depth(tmp_path, preset):
 def test_bf16_on_gpu_within_twice_transformers_error(tiny_checkpoints, family):
     inputs = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in cases(family)["two_odd_images"].items()}
     path = tiny_checkpoints[family]
-    ref32 = load_hf(path, torch.float32, "cuda")(**inputs).logits.detach()
+    ref32 = load_hf(path, torch.float32, "cuda")(**transformers_inputs(inputs)).logits.detach()
     ours16 = qwen2vl_fast.load(path, device="cuda", dtype=torch.bfloat16)(**inputs).logits
-    hf16 = load_hf(path, torch.bfloat16, "cuda")(**inputs).logits.detach()
+    hf16 = load_hf(path, torch.bfloat16, "cuda")(**transformers_inputs(inputs)).logits.detach()
     assert rel_err(ours16, ref32) <= 2 * rel_err(hf16, ref32) + 1e-3
