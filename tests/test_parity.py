@@ -119,6 +119,8 @@ def test_fp32_logits_match_transformers(tiny_checkpoints, family, case):
     assert err <= 1e-4, f"{family}/{case}: ||Δ||/||ref|| = {err:.2e}"
 
 
+@pytest.mark.skipif(TF_MAJOR >= 5, reason="transformers 5 measures rope_deltas from the unpadded length; ours "
+                    "(and transformers 4's) count the left padding, as decode positions are cache slots + delta")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rope_deltas_match_transformers(tiny_checkpoints, family):
     inputs = cases(family)["left_padded_batch"]

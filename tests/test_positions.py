@@ -212,6 +212,11 @@ GRIDS = [[[1, 4, 6]], [[1, 16, 16]], [[1, 18, 26]], [[3, 10, 14]], [[1, 2, 2], [
          [[1, 64, 96]]]
 
 
+V4_INTERNALS = pytest.mark.skipif(TF_MAJOR >= 5, reason="compares with transformers 4 internals (get_window_index, "
+                                  "rot_pos_emb); end-to-end logits parity covers transformers 5")
+
+
+@V4_INTERNALS
 @pytest.mark.parametrize("grids", GRIDS)
 def test_window_index_and_window_seqlens_match_transformers(grids):
     _, cfg = config("qwen2.5-vl-7b")
@@ -224,6 +229,7 @@ def test_window_index_and_window_seqlens_match_transformers(grids):
     assert torch.equal(meta.window_index[meta.reverse_index], torch.arange(len(ref_index)))
 
 
+@V4_INTERNALS
 @pytest.mark.parametrize("name", ["qwen2-vl-7b", "qwen2.5-vl-7b"])
 @pytest.mark.parametrize("grids", GRIDS)
 def test_vision_rotary_tables_and_frames_match_transformers(name, grids):
