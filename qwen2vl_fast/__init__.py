@@ -1,9 +1,12 @@
 """qwen2vl_fast: a custom-kernel inference engine for Qwen2-VL and Qwen2.5-VL."""
 
+from . import ops
+from .config import ModelConfig, load_config
 from .errors import BackendError, CheckpointError, ConfigError, InputError, Qwen2VLFastError
 
 __version__ = "0.1.0"
-__all__ = ["load", "Qwen2VLFastError", "ConfigError", "CheckpointError", "InputError", "BackendError", "__version__"]
+__all__ = ["load", "load_config", "ModelConfig", "ops", "Qwen2VLFastError", "ConfigError", "CheckpointError",
+           "InputError", "BackendError", "__version__"]
 
 
 def load(path, device="cpu", dtype=None, backend="auto", progress=None):
