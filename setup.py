@@ -38,8 +38,8 @@ def cuda_extension():
         name="qwen2vl_fast._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode]},
+        extra_compile_args={"cxx": ["-O3"],  # the C++ standard: whatever torch builds with
+                            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *gencode]},
     )
     return [ext], {"build_ext": BuildExtension}
 
