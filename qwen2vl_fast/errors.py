@@ -23,3 +23,19 @@ class InputError(Qwen2VLFastError, ValueError):
 
 class BackendError(Qwen2VLFastError, ValueError):
     """An unknown backend was asked for, or an op has no implementation for the requested backend/device."""
+
+
+class ProcessingError(InputError):
+    """Preprocessing refused an input (image, video, prompt); the message says which and why."""
+
+
+class ImageError(ProcessingError):
+    """An image is unreadable, corrupt, empty, of an unsupported kind, or cannot meet the pixel budget."""
+
+
+class VideoError(ProcessingError):
+    """A video is unreadable, has no frames, or cannot be sampled as asked."""
+
+
+class PromptError(ProcessingError):
+    """A prompt or chat is malformed, its placeholders disagree with the media, or it exceeds the context."""
