@@ -53,9 +53,9 @@ setup(
     python_requires=">=3.10",
     # `kernels` must never be importable at the top level: a PyPI package of that name exists and
     # transformers imports it when found. It installs as the subpackage qwen2vl_fast.kernels.
-    packages=["qwen2vl_fast", "qwen2vl_fast.ops", "qwen2vl_fast.testing", "qwen2vl_fast.kernels"],
+    packages=["qwen2vl_fast", "qwen2vl_fast.ops", "qwen2vl_fast.processing", "qwen2vl_fast.testing", "qwen2vl_fast.kernels"],
     package_dir={"qwen2vl_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "safetensors>=0.4", "numpy", "tokenizers>=0.19", "tqdm", "pillow"],
+    install_requires=["torch>=2.4", "safetensors>=0.4", "numpy", "tokenizers>=0.19", "tqdm", "pillow", "av"],
     extras_require={"test": ["pytest>=7", "pytest-benchmark", "transformers==4.57.6"],
                     "triton": ["triton>=3.0"], "build": ["pybind11", "ninja"]},
     entry_points={"console_scripts": ["qwen2vl-fast=qwen2vl_fast.cli:main"]},

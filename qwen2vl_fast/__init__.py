@@ -5,7 +5,7 @@ from .config import ModelConfig, load_config
 from .errors import BackendError, CheckpointError, ConfigError, InputError, Qwen2VLFastError
 
 __version__ = "0.1.0"
-__all__ = ["load", "load_config", "ModelConfig", "ops", "Qwen2VLFastError", "ConfigError", "CheckpointError",
+__all__ = ["load", "load_config", "ModelConfig", "ops", "Processor", "Qwen2VLFastError", "ConfigError", "CheckpointError",
            "InputError", "BackendError", "__version__"]
 
 
@@ -14,3 +14,16 @@ def load(path, device="cpu", dtype=None, backend="auto", progress=None):
     from .model import load as _load
 
     return _load(path, device=device, dtype=dtype, backend=backend, progress=progress)
+
+
+def __getattr__(name):
+    # Lazy: the processor pulls in Pillow, PyAV and tokenizers, which the model alone does not need.
+    if name == "Processor":
+        from .processing.processor import Processor
+
+        return Processor
+    if name == "processing":
+        import importlib
+
+        return importlib.import_module(".processing", __name__)
+    raise AttributeError(f"module 'qwen2vl_fast' has no attribute {name!r}")

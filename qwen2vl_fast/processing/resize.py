@@ -49,7 +49,9 @@ def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels
         beta = math.sqrt(min_pixels / (height * width))
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
-    if h == 0 or w == 0 or h * w > max_pixels:  # only reachable with extreme ratios and tight budgets
+    # transformers returns such an over-budget size silently; it happens when min_pixels is close to
+    # max_pixels (rounding up to multiples of 28 overshoots) or when a side rounds to 0.
+    if h == 0 or w == 0 or h * w > max_pixels:
         raise ImageError(f"image of size {height}x{width} (HxW) cannot meet max_pixels {max_pixels}: the "
                          f"nearest size {h}x{w} has {h * w} pixels")
     return h, w

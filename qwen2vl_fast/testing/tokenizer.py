@@ -170,29 +170,7 @@ def build_tokenizer_json(model_type="qwen2_vl") -> dict:
 
 # ChatML with Qwen2-VL's vision placeholders; a default system turn is inserted when the
 # conversation does not start with one. `add_vision_id` prefixes "Picture N: "/"Video N: ".
-CHAT_TEMPLATE = (
-    "{% set counts = namespace(image=0, video=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
-    "{% set counts.image = counts.image + 1 %}"
-    "{% if add_vision_id %}Picture {{ counts.image }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' or 'video' in part %}"
-    "{% set counts.video = counts.video + 1 %}"
-    "{% if add_vision_id %}Video {{ counts.video }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in part %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from ..processing.chat import DEFAULT_CHAT_TEMPLATE as CHAT_TEMPLATE  # noqa: E402
 
 
 def _tokenizer_config(model_type):
