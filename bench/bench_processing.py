@@ -100,8 +100,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from PIL import Image
 
+    path = photo_file(CACHE / "photo_3840x2160.jpg")  # written once, outside the timing
     t0 = time.perf_counter()
-    photo = Image.open(photo_file(CACHE / "photo_3840x2160.jpg")).convert("RGB")
+    photo = Image.open(path).convert("RGB")
     decode_ms = (time.perf_counter() - t0) * 1e3
     devices = ["cpu"] + ([args.device] if args.device != "cpu" else [])
     ours_img = ImageProcessor()

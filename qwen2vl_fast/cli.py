@@ -94,9 +94,19 @@ def _cmd_demo(args) -> int:
         t0 = time.perf_counter()
         model = qwen2vl_fast.load(path, device=args.device, dtype=dtype, backend=args.backend)
         print(f"[2/4] loaded {model} in {time.perf_counter() - t0:.1f} s")
-        ids, pixels, grid = demo_inputs(model.config, tuple(args.image))
-        print(f"[3/4] prompt: {ids.shape[1]} tokens, one {args.image[0]}x{args.image[1]} image -> grid "
-              f"{grid.tolist()[0]}, {pixels.shape[0]} patches, {pixels.shape[0] // 4} image tokens")
+        if args.image_file:  # a real image through the processor (chat template, resize, patchify)
+            from .processing.processor import Processor
+
+            chat = [{"role": "user", "content": [{"type": "image", "image": args.image_file},
+                                                 {"type": "text", "text": args.prompt}]}]
+            inputs = Processor.from_pretrained(path)(chat, device=args.device)
+            ids, pixels, grid = inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"]
+            source = f"{args.image_file} (processed)"
+        else:
+            ids, pixels, grid = demo_inputs(model.config, tuple(args.image))
+            source = f"one random {args.image[0]}x{args.image[1]} image"
+        print(f"[3/4] prompt: {ids.shape[1]} tokens, {source} -> grid {grid.tolist()[0]}, {pixels.shape[0]} "
+              f"patches, {pixels.shape[0] // 4} image tokens")
         t0 = time.perf_counter()
         out = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
         ms = (time.perf_counter() - t0) * 1e3
@@ -138,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--dtype", default="float32", choices=list(_DTYPES))
     d.add_argument("--backend", default="auto")
-    d.add_argument("--image", type=int, nargs=2, default=[224, 336], metavar=("H", "W"))
+    d.add_argument("--image", type=int, nargs=2, default=[224, 336], metavar=("H", "W"),
+                   help="size of the random stand-in image (without --image-file)")
+    d.add_argument("--image-file", help="a real image (path, file:// or data URI), run through the processor")
+    d.add_argument("--prompt", default="Describe this image.")
     d.add_argument("--check", action="store_true", help="also run transformers and print the logits difference")
     d.set_defaults(fn=_cmd_demo)
 

@@ -99,3 +99,15 @@ def test_setup_skips_the_cuda_extension_with_one_line_on_cpu_torch():
                          cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     lines = [l for l in out.stdout.splitlines() if "qwen2vl_fast: skipping the CUDA extension" in l]
     assert len(lines) == 1 and "CPU-only" in lines[0]
+
+
+def test_cli_demo_with_a_real_image_file(tmp_path, capsys):
+    from PIL import Image
+
+    assert cli.main(["write-checkpoint", "--preset", "tiny-qwen2.5-vl", "--out", str(tmp_path / "w"),
+                     "--dtype", "float32", "--max-shard-mb", "8"]) == 0
+    Image.new("RGB", (90, 60), (200, 30, 30)).save(tmp_path / "red.png")
+    assert cli.main(["demo", "--checkpoint", str(tmp_path / "w"), "--device", "cpu",
+                     "--image-file", str(tmp_path / "red.png")]) == 0
+    out = capsys.readouterr().out
+    assert "red.png (processed) -> grid [1, 4, 6]" in out and "[4/4] forward" in out
