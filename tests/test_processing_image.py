@@ -98,7 +98,10 @@ def test_grid_matches_transformers(hf_slow, proc):
     cases = [(s, b) for s in SIZES for b in BUDGETS[:1]] + [(s, b) for s in SIZES[::4] for b in BUDGETS[1:]]
     for (h, w), budget in cases:
         a = np.zeros((h, w, 3), np.uint8)
-        ref = hf_slow(images=[a], return_tensors="pt", **budget)["image_grid_thw"]
+        # the budget goes to the constructor: transformers 5 ignores per-call min/max_pixels
+        hf = hf_slow if not budget else type(hf_slow)(min_pixels=budget.get("min_pixels", 3136),
+                                                      max_pixels=budget.get("max_pixels", 12845056))
+        ref = hf(images=[a], return_tensors="pt")["image_grid_thw"]
         if ref.prod() * 196 > budget.get("max_pixels", 12845056):  # transformers silently exceeds the budget:
             try:  # resize.smart_resize refuses that (today); matching transformers would be fine too
                 ours = proc(a, **budget)
@@ -113,7 +116,10 @@ def test_grid_matches_transformers(hf_slow, proc):
 
 
 def test_grid_huge_matches_transformers_smart_resize(proc):
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
+    try:  # transformers 5 moved the PIL processor out; this module then needs torchvision
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
     for h, w in [(2160, 3840), (6000, 8000), (8000, 6000), (4000, 20), (12000, 16000), (30000, 200), (4321, 1234)]:
         for budget in BUDGETS:

@@ -85,6 +85,8 @@ def test_images_match_transformers_processor_expansion(ckpt, processor):
     class ImageOnly(transformers.Qwen2VLProcessor):
         attributes = ["image_processor", "tokenizer"]
 
+    if not HAS_TORCHVISION and int(transformers.__version__.split(".")[0]) >= 5:
+        pytest.skip("transformers 5 builds Qwen2VLProcessor only with torchvision installed")
     hf = (transformers.AutoProcessor.from_pretrained(ckpt) if HAS_TORCHVISION
           else ImageOnly.from_pretrained(ckpt, use_fast=False))
     texts = ["<|vision_start|><|image_pad|><|vision_end|>two<|vision_start|><|image_pad|><|vision_end|>",
