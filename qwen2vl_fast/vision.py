@@ -65,33 +65,46 @@ class VisionTower:
             return self.ops.rms_norm(x, w, self.v.norm_eps)
         return self.ops.layer_norm(x, w, b, self.v.norm_eps)
 
+    def _add_norm(self, x, residual, w, b):
+        """(norm(residual + x), residual + x) in one pass."""
+        if b is None:
+            return self.ops.add_rms_norm(x, residual, w, self.v.norm_eps)
+        return self.ops.add_layer_norm(x, residual, w, b, self.v.norm_eps)
+
     def __call__(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         """pixel_values (N, C*2*14*14) in the processor's merge-group order -> (N/4, LLM hidden) in the same order."""
         meta = vision_metadata(self.cfg, grid_thw, self.device)
         if pixel_values.dim() != 2 or pixel_values.shape != (meta.num_patches, self.v.patch_dim):
             raise InputError(f"pixel values of shape {tuple(pixel_values.shape)} do not match the grids: expected "
                              f"({meta.num_patches}, {self.v.patch_dim}) for grid_thw {_rows(grid_thw)}")
-        return self.forward(pixel_values.to(self.device), meta)
+        return self.forward(self.ops.patch_embed(pixel_values.to(self.device), self.patch_w), meta)
 
-    def forward(self, pixel_values: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
-        ops, unit = self.ops, self.v.merge_unit
-        x = ops.patch_embed(pixel_values, self.patch_w)
+    def forward(self, x: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        """x: patch embeddings (N, E) in merge-group order -> merged features (N/4, LLM hidden), same order.
+
+        Per block: h = norm1(x); x += proj(attn(rope(qkv(h)))); h = norm2(x); x += mlp(h), with each residual
+        add fused into the following norm (the next block's norm1, or nothing before the merger)."""
+        ops, unit, blocks = self.ops, self.v.merge_unit, self.blocks
         s, e = x.shape
         if meta.window_index is not None:
             x = x.view(s // unit, unit, e)[meta.window_index].reshape(s, e)
-        for blk in self.blocks:
+        h = self._norm(x, blocks[0].norm1_w, blocks[0].norm1_b)
+        for i, blk in enumerate(blocks):
             segments = meta.full if blk.full_attention or meta.window is None else meta.window
-            h = self._norm(x, blk.norm1_w, blk.norm1_b)
             qkv = ops.linear(h, blk.qkv_w, blk.qkv_b)
             q, k, v = ops.vision_rotary(qkv, meta.cos, meta.sin, self.v.num_heads)
             attn = ops.varlen_attention(q, k, v, segments, self.scale)
-            x = x + ops.linear(attn.reshape(s, e), blk.proj_w, blk.proj_b)
-            h = self._norm(x, blk.norm2_w, blk.norm2_b)
-            h = ops.linear(h, blk.up_w, blk.up_b)
-            h = ops.silu_and_mul(h) if self.gated else ops.quick_gelu(h)
-            x = x + ops.linear(h, blk.down_w, blk.down_b)
-        x = self._norm(x, self.ln_q_w, self.ln_q_b).view(s // unit, unit * e)
-        x = ops.linear(ops.gelu(ops.linear(x, self.fc1_w, self.fc1_b)), self.fc2_w, self.fc2_b)
+            h, x = self._add_norm(ops.linear(attn.reshape(s, e), blk.proj_w, blk.proj_b), x, blk.norm2_w, blk.norm2_b)
+            if self.gated:
+                h = ops.linear_swiglu(h, blk.up_w, blk.up_b)
+            else:
+                h = ops.linear_act(h, blk.up_w, blk.up_b, "quick_gelu")
+            down = ops.linear(h, blk.down_w, blk.down_b)
+            if i + 1 < len(blocks):
+                h, x = self._add_norm(down, x, blocks[i + 1].norm1_w, blocks[i + 1].norm1_b)
+            else:
+                x = x + down
+        x = ops.merger(x, self.ln_q_w, self.ln_q_b, self.fc1_w, self.fc1_b, self.fc2_w, self.fc2_b, self.v.norm_eps)
         if meta.reverse_index is not None:
             x = x[meta.reverse_index]
         return x

@@ -306,7 +306,7 @@ def test_embedding(device, dtype):
 # ---------------------------------------------------------------------------------------------- registry
 EXPECTED_OPS = {"layer_norm", "rms_norm", "add_rms_norm", "quick_gelu", "gelu", "silu_and_mul", "vision_rotary",
                 "mrope_cos_sin", "apply_rotary", "varlen_attention", "causal_attention", "patch_embed", "linear",
-                "embedding"}
+                "embedding", "linear_act", "linear_swiglu", "patch_embed_frames", "add_layer_norm", "merger"}
 
 
 @pytest.fixture
@@ -363,3 +363,35 @@ def test_fast_backend_without_an_implementation_here_refused(no_backend_env, bac
         return
     with pytest.raises(BackendError, match=f"backend '{backend}' has no op that runs on cpu"):
         ops.resolve(backend, "cpu")
+
+
+# --- fused ops: each reference equals the unfused composition it replaces ---------------------------------
+
+def test_fused_references_equal_their_compositions(device):
+    import torch.nn.functional as F
+
+    from qwen2vl_fast.processing.patchify import CLIP_MEAN, CLIP_STD, normalize_patchify
+
+    x, w, b = torch.randn(37, 64, device=device), torch.randn(96, 64, device=device), torch.randn(96, device=device)
+    lin = F.linear(x, w, b)
+    assert torch.equal(get_op("linear_act").reference(x, w, b, "none"), lin)
+    assert torch.equal(get_op("linear_act").reference(x, w, b, "quick_gelu"), get_op("quick_gelu").reference(lin))
+    assert torch.equal(get_op("linear_act").reference(x, w, b, "gelu"), F.gelu(lin))
+    with pytest.raises(ValueError):
+        get_op("linear_act").reference(x, w, b, "relu")
+    assert torch.equal(get_op("linear_swiglu").reference(x, w, b), get_op("silu_and_mul").reference(lin))
+    res, nw, nb = torch.randn(37, 64, device=device), torch.randn(64, device=device), torch.randn(64, device=device)
+    normed, new_res = get_op("add_layer_norm").reference(x, res, nw, nb, 1e-6)
+    assert torch.equal(new_res, x + res) and torch.equal(normed, F.layer_norm(x + res, (64,), nw, nb, 1e-6))
+    frames = torch.randint(0, 256, (3, 3, 56, 84), dtype=torch.uint8, device=device)
+    pw = torch.randn(64, 1176, device=device)
+    rows, _ = normalize_patchify(frames, CLIP_MEAN, CLIP_STD)
+    assert torch.equal(get_op("patch_embed_frames").reference(frames, pw, CLIP_MEAN, CLIP_STD), F.linear(rows, pw))
+    mx = torch.randn(48, 16, device=device)
+    f1w, f1b = torch.randn(64, 64, device=device), torch.randn(64, device=device)
+    f2w, f2b = torch.randn(32, 64, device=device), torch.randn(32, device=device)
+    lw = torch.randn(16, device=device)
+    for lb in (None, torch.randn(16, device=device)):
+        n = get_op("rms_norm").reference(mx, lw, 1e-6) if lb is None else F.layer_norm(mx, (16,), lw, lb, 1e-6)
+        ref = F.linear(F.gelu(F.linear(n.reshape(12, 64), f1w, f1b)), f2w, f2b)
+        assert torch.equal(get_op("merger").reference(mx, lw, lb, f1w, f1b, f2w, f2b, 1e-6), ref)

@@ -29,3 +29,38 @@ def patch_embed(pixel_values: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     pixel_values are cast to the weight dtype first, as transformers' `get_image_features` does.
     """
     return F.linear(pixel_values.to(weight.dtype), weight)
+
+
+_ACTS = ("none", "quick_gelu", "gelu")
+
+
+@reference("linear_act")
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """act(x @ weight.T + bias), act in none | quick_gelu | gelu (exact erf): a GEMM with its epilogue."""
+    y = F.linear(x, weight, bias)
+    if act == "quick_gelu":
+        return y * torch.sigmoid(1.702 * y)
+    if act == "gelu":
+        return F.gelu(y)
+    if act != "none":
+        raise ValueError(f"act must be one of {_ACTS}, got {act!r}")
+    return y
+
+
+@reference("linear_swiglu")
+def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(gate) * up of a fused gate/up projection: weight (2I, K) = [gate; up] -> (..., I)."""
+    gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@reference("patch_embed_frames")
+def patch_embed_frames(frames: torch.Tensor, weight: torch.Tensor, mean, std, patch_size: int = 14,
+                       temporal_patch_size: int = 2, merge_size: int = 2) -> torch.Tensor:
+    """The patch embedding straight from resized uint8 frames (T, C, H, W): normalise, gather the
+    (C, t, 14, 14) tubes in merge-group order, GEMM with weight (E, C*t*14*14). Equals
+    patch_embed(normalize_patchify(frames)): the fast version never writes the (N, 1176) float tensor."""
+    from ..processing.patchify import normalize_patchify
+
+    rows, _ = normalize_patchify(frames, mean, std, patch_size, temporal_patch_size, merge_size)
+    return F.linear(rows.to(weight.dtype), weight)

@@ -28,3 +28,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     `h = h + sublayer(...)` followed by the next norm; kernels do both in one pass over the row."""
     residual = residual + x
     return rms_norm(residual, weight, eps), residual
+
+
+@reference("add_layer_norm")
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """residual' = residual + x; returns (layer_norm(residual'), residual'): the ViT's residual add fused with
+    the next LayerNorm (Qwen2-VL blocks and merger)."""
+    residual = residual + x
+    return layer_norm(residual, weight, bias, eps), residual

@@ -38,6 +38,7 @@ class Op:
     name: str
     doc: str
     impls: dict = field(default_factory=dict)  # backend -> (fn, runs_on(device) -> bool)
+    auto_on: dict = field(default_factory=dict)  # backend -> predicate for `auto` (default: runs_on)
 
     @property
     def reference(self) -> Callable:
@@ -52,6 +53,9 @@ class Op:
 
     def pick(self, backend: str, device) -> str:
         runnable = self.implementations(device)
+        if backend == "auto":  # e.g. Triton under the CPU interpreter runs, but is never the fast choice
+            dev = torch.device(device)
+            runnable = [b for b in runnable if self.auto_on.get(b, self.impls[b][1])(dev)]
         return next(b for b in _CHAIN[backend] if b in runnable)
 
 
@@ -70,16 +74,64 @@ def reference(name: str):
     return wrap
 
 
-def implementation(name: str, backend: str, runs_on: Callable[[torch.device], bool]):
-    """Decorator: register a fast implementation of an existing op for `backend`."""
+def implementation(name: str, backend: str, runs_on: Callable[[torch.device], bool], auto_on=None):
+    """Decorator: register a fast implementation of an existing op for `backend`. `runs_on(device)` says
+    whether it can run there; `auto_on(device)` (default: runs_on) whether `auto` may pick it there."""
     if backend not in ("triton", "cuda"):
         raise ValueError(f"fast implementations are 'triton' or 'cuda', not {backend!r}")
 
     def wrap(fn):
         _OPS[name].impls[backend] = (fn, runs_on)
+        if auto_on is not None:
+            _OPS[name].auto_on[backend] = auto_on
         return fn
 
     return wrap
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, and on the CPU under the interpreter (TRITON_INTERPRET=1)."""
+    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return False
+    return _triton_importable()
+
+
+def triton_auto_on(device: torch.device) -> bool:
+    """`auto` picks Triton on CUDA only: the interpreter is for testing, far slower than the references."""
+    return device.type == "cuda" and _triton_importable()
+
+
+def cuda_ext_runs_on(device: torch.device) -> bool:
+    """CUDA C++ kernels need a CUDA device and the built extension qwen2vl_fast._C."""
+    return device.type == "cuda" and _cuda_ext_importable()
+
+
+def _triton_importable() -> bool:
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_OK = True
+        except ImportError:
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+def _cuda_ext_importable() -> bool:
+    global _CUDA_EXT_OK
+    if _CUDA_EXT_OK is None:
+        try:
+            from qwen2vl_fast import _C  # noqa: F401
+
+            _CUDA_EXT_OK = True
+        except ImportError:
+            _CUDA_EXT_OK = False
+    return _CUDA_EXT_OK
+
+
+_TRITON_OK = None
+_CUDA_EXT_OK = None
 
 
 def get_op(name: str) -> Op:
