@@ -6,8 +6,14 @@ without CUDA.
 
 import os
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels are tested under the interpreter. Triton reads this when a kernel is defined,
+# so it must be set before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 TEST_DEVICE = os.environ.get("QWEN2VL_FAST_TEST_DEVICE", "cpu")
 # Parity checkpoints use larger weights than the models' 0.02 init: with 0.02 every attention row is
@@ -42,3 +48,22 @@ def tiny_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_ckpt")
     return {name: write_random_checkpoint(root / name, name, dtype=torch.float32, seed=1, std=PARITY_STD)
             for name in ("tiny-qwen2-vl", "tiny-qwen2.5-vl")}
+
+
+def float_dtypes(device):
+    """(dtype, atol, rtol) cases for kernel tests: fp32/fp16 everywhere, bf16 on CUDA only (the Triton
+    interpreter cannot do bfloat16)."""
+    cases = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
+    if torch.device(device).type == "cuda":
+        cases.append((torch.bfloat16, 1.6e-2, 1.6e-2))
+    return cases
+
+
+@pytest.fixture(scope="session")
+def triton_device(device):
+    """The device Triton kernels run on here (the test device), or skip when Triton cannot run."""
+    from qwen2vl_fast.ops.registry import triton_runs_on
+
+    if not triton_runs_on(device):
+        pytest.skip("Triton cannot run here (no CUDA device, and TRITON_INTERPRET is not 1, or no triton)")
+    return device
