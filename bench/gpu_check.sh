@@ -14,6 +14,10 @@
 # Knobs (environment): GPU_CHECK_STEPS (default: all of env install gpu-tests tests bench-2b bench-3b),
 # GPU_CHECK_BUDGET_S (default 560 s for everything), PYTHON (default python3), BENCH_REPS (default 10).
 # The copied tree has no .git there: pass the commit as QWEN2VL_FAST_GIT_COMMIT (and _DIRTY=1 if so).
+# Packages the GPU image lacks (PyAV for the video tests and benchmark) travel as wheels in .whl/ (git-ignored;
+# name it in the run's `carry`), prepared here with:
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl av==18.1.0
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +26,7 @@ OUT_DIR="${OUT:-bench/results/_scratch}"
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 PY="${PYTHON:-python3}"  # the lent machines have python3 (with torch), maybe no `python`
-STEPS="${GPU_CHECK_STEPS:-env install gpu-tests tests bench-2b bench-3b}"
+STEPS="${GPU_CHECK_STEPS:-env install gpu-tests tests vision-kernels vision-tower bench-2b bench-3b processing}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-560}"
 REPS="${BENCH_REPS:-10}"
 export PYTHONUNBUFFERED=1
@@ -59,6 +63,10 @@ step() {
 
 main() {
     echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ)  steps: $STEPS  budget: ${BUDGET_S}s  out: $OUT_DIR"
+    if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels (see the header), outside the image's venv
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+            && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
     step env 60 bash -c "nvidia-smi; $PY -c 'import sys, torch; print(\"python\", sys.version.split()[0]);
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available())
 print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
@@ -67,8 +75,11 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|nump
     step install 240 "$PY" -m pip install --no-build-isolation --no-index --no-deps -e .
     step gpu-tests 120 "$PY" -m pytest -q -m gpu tests
     step tests 150 env QWEN2VL_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -x -m "not gpu" tests
+    step vision-kernels 240 "$PY" bench/bench_vision_kernels.py --reps 30
+    step vision-tower 240 "$PY" bench/bench_vision_tower.py --reps "$REPS"
     step bench-2b 200 "$PY" bench/bench_model_forward.py --preset qwen2-vl-2b --reps "$REPS"
     step bench-3b 220 "$PY" bench/bench_model_forward.py --preset qwen2.5-vl-3b --reps "$REPS"
+    step processing 120 "$PY" bench/bench_processing.py --device cuda --reps 5
 
     echo
     echo "=== summary (${SECONDS}s of ${BUDGET_S}s budget; log: $LOG)"
