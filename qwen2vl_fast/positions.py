@@ -149,26 +149,39 @@ def vision_metadata(cfg: ModelConfig, grid_thw, device) -> VisionMeta:
         if t <= 0 or h <= 0 or w <= 0 or h % v.spatial_merge_size or w % v.spatial_merge_size:
             raise InputError(f"grid_thw row {[t, h, w]} is invalid: t, h, w must be positive and h, w multiples "
                              f"of spatial_merge_size {v.spatial_merge_size}")
-    angles = torch.cat([_rotary_angles(v.head_dim, v.spatial_merge_size, *g) for g in grids])
+    units = v.window_units if v.uses_windows else 0
+    tables = [_rotary_table(v.head_dim, v.spatial_merge_size, units, *g) for g in grids]
     full_lengths = [h * w for t, h, w in grids for _ in range(t)]
     window = window_index = reverse = None
     if v.uses_windows:
         idx_parts, lengths, offset = [], [], 0
         for t, h, w in grids:
-            order, sizes = _window_order(t, h // v.spatial_merge_size, w // v.spatial_merge_size, v.window_units)
+            order, sizes = _window_order(t, h // v.spatial_merge_size, w // v.spatial_merge_size, units)
             idx_parts.append(order + offset)
             lengths.extend(int(s) * v.merge_unit for s in sizes)
             offset += order.numel()
         window_index = torch.cat(idx_parts)
-        unit = v.merge_unit
-        angles = angles.view(-1, unit, angles.shape[-1])[window_index].reshape(-1, angles.shape[-1])
         window = VarlenMeta.from_lengths(lengths, device)
         reverse = torch.argsort(window_index).to(device)
         window_index = window_index.to(device)
+    cos = torch.cat([c for c, _ in tables]).to(device)
+    sin = torch.cat([s for _, s in tables]).to(device)
+    return VisionMeta(cos=cos, sin=sin, full=VarlenMeta.from_lengths(full_lengths, device), window=window,
+                      window_index=window_index, reverse_index=reverse, num_patches=cos.shape[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _rotary_table(head_dim: int, merge: int, window_units: int, t: int, h: int, w: int):
+    """cos, sin (t*h*w, head_dim) fp32 for one grid, in the order the tower runs its tokens: merge-group order,
+    permuted window by window when `window_units` > 0 (windows never cross items, so the permutation of a
+    batch is the per-item permutations placed side by side). Built once per (t, h, w), then reused."""
+    angles = _rotary_angles(head_dim, merge, t, h, w)
+    if window_units:
+        unit = merge * merge
+        order, _ = _window_order(t, h // merge, w // merge, window_units)
+        angles = angles.view(-1, unit, angles.shape[-1])[order].reshape(-1, angles.shape[-1])
     emb = torch.cat((angles, angles), dim=-1)
-    return VisionMeta(cos=emb.cos().to(device), sin=emb.sin().to(device),
-                      full=VarlenMeta.from_lengths(full_lengths, device), window=window,
-                      window_index=window_index, reverse_index=reverse, num_patches=emb.shape[0])
+    return emb.cos(), emb.sin()
 
 
 @functools.lru_cache(maxsize=256)
