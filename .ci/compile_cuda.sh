@@ -13,6 +13,7 @@ if ! command -v nvcc >/dev/null; then
   exit 0
 fi
 out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
 for f in "${files[@]}"; do
   if grep -q '#include <torch\|#include <ATen\|#include <c10' "$f"; then
     echo "error: $f includes Torch headers; kernel files must stay Torch-free (bindings go in .cpp)"

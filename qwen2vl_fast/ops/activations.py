@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import reference
+from .registry import implementation, reference, triton_auto_on, triton_runs_on
 
 
 @reference("quick_gelu")
@@ -26,3 +26,26 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU on a fused gate/up projection output (..., 2I) -> silu(gate) * up, (..., I)."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------- Triton (kernels/activations.py)
+
+@implementation("quick_gelu", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def quick_gelu_triton(x):
+    from qwen2vl_fast.kernels.activations import quick_gelu as _k
+
+    return _k(x)
+
+
+@implementation("gelu", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def gelu_triton(x):
+    from qwen2vl_fast.kernels.activations import gelu as _k
+
+    return _k(x)
+
+
+@implementation("silu_and_mul", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def silu_and_mul_triton(gate_up):
+    from qwen2vl_fast.kernels.activations import silu_and_mul as _k
+
+    return _k(gate_up)

@@ -80,3 +80,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padd
         mask = mask | torch.eye(L, dtype=torch.bool, device=q.device)[None]
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale)
     return o.transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------- fast implementations
+from .registry import implementation, triton_auto_on, triton_runs_on  # noqa: E402
+
+
+@implementation("varlen_attention", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def varlen_attention_triton(q, k, v, meta: VarlenMeta, scale: float):
+    """Triton varlen attention (kernels/varlen_attention.py), imported on first call so importing the op layer
+    never needs Triton."""
+    from qwen2vl_fast.kernels.varlen_attention import varlen_attention as launch
+
+    return launch(q, k, v, meta, scale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import reference
+from .registry import implementation, reference, triton_auto_on, triton_runs_on
 
 
 @reference("linear")
@@ -64,3 +64,43 @@ def patch_embed_frames(frames: torch.Tensor, weight: torch.Tensor, mean, std, pa
 
     rows, _ = normalize_patchify(frames, mean, std, patch_size, temporal_patch_size, merge_size)
     return F.linear(rows.to(weight.dtype), weight)
+
+
+# ------------------------------------------------------------------------- Triton (kernels/gemm.py, kernels/patch_embed.py)
+# Imported on first call, so importing qwen2vl_fast never imports Triton. The GEMM epilogues round once, after the
+# bias and activation in fp32 (the references round the GEMM output first): see kernels/gemm.py.
+
+@implementation("linear", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def linear_triton(x, weight, bias=None):
+    from qwen2vl_fast.kernels.gemm import linear as _k
+
+    return _k(x, weight, bias)
+
+
+@implementation("linear_act", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def linear_act_triton(x, weight, bias, act):
+    from qwen2vl_fast.kernels.gemm import linear_act as _k
+
+    return _k(x, weight, bias, act)
+
+
+@implementation("linear_swiglu", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def linear_swiglu_triton(x, weight, bias):
+    from qwen2vl_fast.kernels.gemm import linear_swiglu as _k
+
+    return _k(x, weight, bias)
+
+
+@implementation("patch_embed", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def patch_embed_triton(pixel_values, weight):
+    from qwen2vl_fast.kernels.patch_embed import patch_embed as _k
+
+    return _k(pixel_values, weight)
+
+
+@implementation("patch_embed_frames", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def patch_embed_frames_triton(frames, weight, mean, std, patch_size: int = 14, temporal_patch_size: int = 2,
+                              merge_size: int = 2):
+    from qwen2vl_fast.kernels.patch_embed import patch_embed_frames as _k
+
+    return _k(frames, weight, mean, std, patch_size, temporal_patch_size, merge_size)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .norms import layer_norm, rms_norm
-from .registry import reference
+from .registry import implementation, reference, triton_auto_on, triton_runs_on
 
 
 @reference("merger")
@@ -17,3 +17,16 @@ def merger(x: torch.Tensor, ln_w: torch.Tensor, ln_b, fc1_w: torch.Tensor, fc1_b
     h = rms_norm(x, ln_w, eps) if ln_b is None else layer_norm(x, ln_w, ln_b, eps)
     h = h.reshape(-1, fc1_w.shape[1])
     return F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+
+
+# ------------------------------------------------------------------------------------------ Triton
+# The Triton norm (kernels/norms.py), then two GEMMs of kernels/gemm.py: fc1 with the exact GELU fused into its
+# epilogue (one rounding after bias + GELU in fp32), fc2 with its bias. Imported on first call.
+
+@implementation("merger", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def merger_triton(x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps):
+    from qwen2vl_fast.kernels import gemm, norms
+
+    h = norms.rms_norm(x, ln_w, eps) if ln_b is None else norms.layer_norm(x, ln_w, ln_b, eps)
+    h = h.reshape(-1, fc1_w.shape[1])
+    return gemm.linear(gemm.linear_act(h, fc1_w, fc1_b, "gelu"), fc2_w, fc2_b)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import reference
+from .registry import implementation, reference, triton_auto_on, triton_runs_on
 
 
 @reference("layer_norm")
@@ -36,3 +36,34 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     the next LayerNorm (Qwen2-VL blocks and merger)."""
     residual = residual + x
     return layer_norm(residual, weight, bias, eps), residual
+
+
+# ------------------------------------------------------------------------------------------ Triton (kernels/norms.py)
+# Imported on first call, so importing qwen2vl_fast never imports Triton.
+
+@implementation("layer_norm", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def layer_norm_triton(x, weight, bias, eps):
+    from qwen2vl_fast.kernels.norms import layer_norm as _k
+
+    return _k(x, weight, bias, eps)
+
+
+@implementation("rms_norm", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def rms_norm_triton(x, weight, eps):
+    from qwen2vl_fast.kernels.norms import rms_norm as _k
+
+    return _k(x, weight, eps)
+
+
+@implementation("add_layer_norm", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def add_layer_norm_triton(x, residual, weight, bias, eps):
+    from qwen2vl_fast.kernels.norms import add_layer_norm as _k
+
+    return _k(x, residual, weight, bias, eps)
+
+
+@implementation("add_rms_norm", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def add_rms_norm_triton(x, residual, weight, eps):
+    from qwen2vl_fast.kernels.norms import add_rms_norm as _k
+
+    return _k(x, residual, weight, eps)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import reference
+from .registry import implementation, reference, triton_auto_on, triton_runs_on
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -56,3 +56,14 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     """Rotate q (B, L, Hq, D) and k (B, L, Hkv, D) by cos/sin (B, L, D), in q's dtype."""
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)
     return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+
+
+# ------------------------------------------------------------------------------------------ Triton (kernels/rotary.py)
+
+@implementation("vision_rotary", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def vision_rotary_triton(qkv, cos, sin, num_heads):
+    """Rotates q and k inside `qkv` IN PLACE (no copies) and returns views of it; callers must not reuse
+    the un-rotated qkv afterwards."""
+    from qwen2vl_fast.kernels.rotary import vision_rotary as _k
+
+    return _k(qkv, cos, sin, num_heads)
