@@ -108,11 +108,14 @@ class Qwen2VLFastModel:
                  pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
                  pixel_values_videos: Optional[torch.Tensor] = None, video_grid_thw: Optional[torch.Tensor] = None,
                  second_per_grid_ts=None, position_ids: Optional[torch.Tensor] = None, logits_to_keep: int = 0,
-                 mm_token_type_ids: Optional[torch.Tensor] = None, **kwargs) -> Qwen2VLFastOutput:
+                 mm_token_type_ids: Optional[torch.Tensor] = None, pixel_frames: Optional[list] = None,
+                 **kwargs) -> Qwen2VLFastOutput:
         """Prefill forward, as transformers' `forward` without a cache. `position_ids` (3, B, L) or (B, L)
         overrides the M-RoPE ids (rope_deltas then come from them); `logits_to_keep` = k > 0 computes logits
         for the last k positions only. `mm_token_type_ids` (what transformers 5 processors return) is accepted
-        and checked against the placeholders in input_ids, which remain the source of truth."""
+        and checked against the placeholders in input_ids, which remain the source of truth. `pixel_frames`
+        (resized uint8 frames per image, `ImageProcessor(return_frames=True)`) replaces pixel_values: the
+        patch embedding then normalises and gathers inside its GEMM."""
         _check_unsupported(kwargs)
         input_ids, attention_mask = self._check_text(input_ids, attention_mask)
         if mm_token_type_ids is not None:
@@ -126,13 +129,19 @@ class Qwen2VLFastModel:
             position_ids = self._check_positions(position_ids, input_ids)
             rope_deltas = position_ids.max(0)[0].max(-1, keepdim=True)[0] + 1 - input_ids.shape[1]
         embeds = self.language_model.embed(input_ids)
+        if pixel_frames is not None and pixel_values is not None:
+            raise InputError("give images either as pixel_values or as pixel_frames, not both")
         for pixels, grid, token_id, name in ((pixel_values, image_grid_thw, self.config.image_token_id, "image"),
+                                             (pixel_frames, image_grid_thw, self.config.image_token_id, "image"),
                                              (pixel_values_videos, video_grid_thw, self.config.video_token_id, "video")):
             if pixels is None:
                 continue
             if grid is None:
                 raise InputError(f"{name} pixel values were given without {name}_grid_thw")
-            features = self.visual(torch.as_tensor(pixels), grid).to(embeds.dtype)
+            if pixels is pixel_frames:
+                features = self.visual.from_frames(list(pixels), grid).to(embeds.dtype)
+            else:
+                features = self.visual(torch.as_tensor(pixels), grid).to(embeds.dtype)
             slots = (input_ids == token_id).unsqueeze(-1)
             embeds = embeds.masked_scatter(slots, features)
         hidden = self.language_model(embeds, position_ids, attention_mask)

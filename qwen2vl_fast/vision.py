@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .errors import InputError
 from .ops import OpTable
 from .positions import VisionMeta, vision_metadata
+from .processing.patchify import CLIP_MEAN, CLIP_STD
 
 
 @dataclass
@@ -78,6 +79,29 @@ class VisionTower:
             raise InputError(f"pixel values of shape {tuple(pixel_values.shape)} do not match the grids: expected "
                              f"({meta.num_patches}, {self.v.patch_dim}) for grid_thw {_rows(grid_thw)}")
         return self.forward(self.ops.patch_embed(pixel_values.to(self.device), self.patch_w), meta)
+
+    def from_frames(self, frames: list, grid_thw, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+        """Resized uint8 frames (T, 3, h, w), one tensor per image/video in grid order -> merged features.
+
+        The fused patch embedding normalises and gathers the patches inside its GEMM, so the (N, 1176) float
+        pixel tensor is never written (ImageProcessor(return_frames=True) produces these frames)."""
+        meta = vision_metadata(self.cfg, grid_thw, self.device)
+        grids = torch.as_tensor(grid_thw).reshape(-1, 3).tolist()
+        if len(frames) != len(grids):
+            raise InputError(f"{len(frames)} frame tensors for {len(grids)} grid rows")
+        v, parts = self.v, []
+        for i, (f, (t, h, w)) in enumerate(zip(frames, grids)):
+            f = torch.as_tensor(f)
+            want_t = (t - 1) * v.temporal_patch_size + 1
+            if (f.dtype != torch.uint8 or f.dim() != 4 or f.shape[1] != v.in_channels
+                    or tuple(f.shape[2:]) != (h * v.patch_size, w * v.patch_size)
+                    or not want_t <= f.shape[0] <= t * v.temporal_patch_size):
+                raise InputError(f"frames {i}: expected uint8 (T, {v.in_channels}, {h * v.patch_size}, "
+                                 f"{w * v.patch_size}) with {want_t}..{t * v.temporal_patch_size} frames for grid "
+                                 f"{[t, h, w]}, got {f.dtype} {tuple(f.shape)}")
+            parts.append(self.ops.patch_embed_frames(f.to(self.device), self.patch_w, mean, std, v.patch_size,
+                                                     v.temporal_patch_size, v.spatial_merge_size))
+        return self.forward(torch.cat(parts), meta)
 
     def forward(self, x: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
         """x: patch embeddings (N, E) in merge-group order -> merged features (N/4, LLM hidden), same order.

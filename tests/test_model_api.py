@@ -105,3 +105,24 @@ def test_transformers_arguments_we_do_not_implement_are_refused(model):
     for bad in (dict(output_hidden_states=True), dict(past_key_values=object()), dict(labels=torch.zeros(1))):
         with pytest.raises(InputError, match="not supported"):
             model(**inputs, **bad)
+
+
+def test_pixel_frames_path_equals_pixel_values_path(model, tiny_checkpoints):
+    """Resized uint8 frames through the fused patch embedding give the same logits as pixel_values."""
+    from PIL import Image
+
+    from qwen2vl_fast.processing.processor import Processor
+
+    proc = Processor.from_pretrained(tiny_checkpoints["tiny-qwen2-vl"])
+    chat = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (98, 70), (10, 200, 30))},
+                                         {"type": "image", "image": Image.new("RGB", (60, 120), (250, 0, 90))},
+                                         {"type": "text", "text": "two"}]}]
+    values, frames = proc(chat), proc(chat, return_pixel_frames=True)
+    assert "pixel_values" not in frames and [f.dtype for f in frames["pixel_frames"]] == [torch.uint8] * 2
+    assert torch.equal(values["input_ids"], frames["input_ids"])
+    assert torch.allclose(model(**values).logits, model(**frames).logits, rtol=1e-5, atol=1e-5)
+    bad = dict(frames, pixel_frames=[f.float() for f in frames["pixel_frames"]])
+    with pytest.raises(InputError, match="expected uint8"):
+        model(**bad)
+    with pytest.raises(InputError, match="not both"):
+        model(**frames, pixel_values=values["pixel_values"])

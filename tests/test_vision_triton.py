@@ -93,3 +93,13 @@ def test_tower_has_no_host_sync_inside_its_blocks(tiny_checkpoints, family, back
         torch.cuda.set_sync_debug_mode(0)
     ref = qwen2vl_fast.load(tiny_checkpoints[family], device="cuda", dtype=torch.float32, backend="torch")
     assert rel(out, ref.visual(pixels, grid)) < 3e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tower_from_uint8_frames_on_triton_matches_torch(triton_device, tiny_checkpoints, family):
+    """The fused patch embedding (uint8 frames -> normalise + gather inside the GEMM) in the whole tower."""
+    ref_tower, tower, _ = towers(tiny_checkpoints[family], triton_device, torch.float32)
+    frames = [torch.randint(0, 256, (1, 3, 56, 84), dtype=torch.uint8, device=triton_device),
+              torch.randint(0, 256, (3, 3, 56, 56), dtype=torch.uint8, device=triton_device)]
+    grid = torch.tensor([[1, 4, 6], [2, 4, 4]])
+    assert rel(tower.from_frames(frames, grid), ref_tower.from_frames(frames, grid)) <= 1e-4

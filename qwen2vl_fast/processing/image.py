@@ -255,10 +255,13 @@ class ImageProcessor:
         return smart_resize(height, width, self.factor, o["min_pixels"], o["max_pixels"])
 
     def __call__(self, images, device=None, min_pixels=None, max_pixels=None, resized_height=None,
-                 resized_width=None) -> dict:
+                 resized_width=None, return_frames: bool = False) -> dict:
         """One image or a list (any source `load_image` takes; dicts override the call's options) ->
         {"pixel_values": float32 (N, C*tp*p*p) = (N, 1176), "image_grid_thw": int64 (n, 3)}, both on `device`
-        (default CPU). Rows are the images' patches in order; image i contributes grid_thw[i].prod() rows."""
+        (default CPU). Rows are the images' patches in order; image i contributes grid_thw[i].prod() rows.
+
+        return_frames=True stops after the resize: {"pixel_frames": [uint8 (1, 3, h, w) per image],
+        "image_grid_thw"}, for the model's fused patch embedding (normalise + patchify inside its GEMM)."""
         device = torch.device("cpu") if device is None else torch.device(device)
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         call = dict(min_pixels=min_pixels, max_pixels=max_pixels, resized_height=resized_height,
@@ -282,8 +285,15 @@ class ImageProcessor:
                 else jobs[idx[0]][0].to(device).unsqueeze(0)
             x = resize_uint8(batch, h, w)  # (n, 3, h, w) uint8
             for j, i in enumerate(idx):
+                if return_frames:
+                    rows[i] = x[j:j + 1]
+                    grids[i] = (1, h // self.patch_size, w // self.patch_size)
+                    continue
                 rows[i], grids[i] = normalize_patchify(x[j:j + 1], self.image_mean, self.image_std, self.patch_size,
                                                        self.temporal_patch_size, self.merge_size)
+        grid_thw = torch.tensor(grids, dtype=torch.int64, device=device).reshape(-1, 3)
+        if return_frames:
+            return {"pixel_frames": rows, "image_grid_thw": grid_thw}
         width = 3 * self.temporal_patch_size * self.patch_size ** 2
         return {"pixel_values": torch.cat(rows) if rows else torch.empty(0, width, device=device),
                 "image_grid_thw": torch.tensor(grids, dtype=torch.int64, device=device).reshape(-1, 3)}

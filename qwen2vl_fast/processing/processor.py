@@ -72,9 +72,12 @@ class Processor:
         return render_chat(messages, self.chat_template, add_generation_prompt, **extra)
 
     def __call__(self, text=None, images=None, videos=None, *, device=None, padding_side: str = "left",
-                 add_generation_prompt: bool = True, return_mm_token_type_ids: bool = False, **media_kwargs) -> dict:
+                 add_generation_prompt: bool = True, return_mm_token_type_ids: bool = False,
+                 return_pixel_frames: bool = False, **media_kwargs) -> dict:
         """text: a string, a list of strings, one chat (list of messages) or a list of chats. With chats, the
-        images and videos come from the messages. Returns a dict of tensors (on `device`) as described above."""
+        images and videos come from the messages. Returns a dict of tensors (on `device`) as described above.
+        return_pixel_frames: images come back as resized uint8 `pixel_frames` (one per image) instead of
+        `pixel_values`, for the model's fused patch embedding."""
         if padding_side not in ("left", "right"):
             raise PromptError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         unknown = set(media_kwargs) - set(_IMAGE_KW) - set(_VIDEO_KW)
@@ -92,7 +95,8 @@ class Processor:
                                       f"{name}(s) were given")
         out: dict = {}
         if images:
-            out.update(self.image_processor(images, device=device, **_only(media_kwargs, _IMAGE_KW)))
+            out.update(self.image_processor(images, device=device, return_frames=return_pixel_frames,
+                                            **_only(media_kwargs, _IMAGE_KW)))
         if videos:
             v = self.video_processor(videos, device=device, **_only(media_kwargs, _VIDEO_KW))
             out.update(pixel_values_videos=v["pixel_values_videos"], video_grid_thw=v["video_grid_thw"])
