@@ -7,10 +7,6 @@ NaN-poisoned buffers passed as `out=`; the custom-op path is checked as well. On
 Triton interpreter, so shapes stay small.
 """
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,35 +23,7 @@ SHAPES = [(17,), (3, 100), (37, 1000), (2, 3, 33), (37, 1280), (200, 5120)]
 # (rows..., I): odd I, Qwen2.5-VL's ViT (I = 3420) and the 7B LLM (I = 18944)
 SWIGLU_SHAPES = [(1, 17), (3, 100), (2, 5, 33), (37, 3420), (3, 18944)]
 
-_SM90_COMPILER = r"""
-import importlib, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-jobs, ptx = json.load(open(sys.argv[1])), []
-for module, kernel, signature, constexprs, num_warps, aligned in jobs:
-    fn = getattr(importlib.import_module(module), kernel)
-    names = list(signature)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                    attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    ptx.append(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"])
-json.dump(ptx, open(sys.argv[1], "w"))
-"""
-
-
-def ptx_for_sm90(jobs, tmp_path):
-    """Cross-compile kernels for sm_90 with Triton's bundled LLVM and ptxas (no GPU needed) and return their PTX:
-    catches what the interpreter cannot (compile errors, lost vectorisation). Each job is (module, kernel,
-    signature, constexprs, num_warps, aligned): `aligned` names the arguments Triton sees as multiples of 16 at
-    a real launch. Runs in a subprocess without TRITON_INTERPRET (under it, tl.sum and friends are interpreter
-    functions); uses Triton internals (ASTSource), as of the pinned 3.6."""
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
-    path = tmp_path / "jobs.json"
-    path.write_text(json.dumps(jobs))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _SM90_COMPILER, str(path)], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(path.read_text())
+from helpers_triton import ptx_for_sm90
 
 
 def assert_within_torch_error(ours, torch_lp, ref32, atol, rtol):
