@@ -5,7 +5,7 @@ from .config import ModelConfig, load_config
 from .errors import BackendError, CheckpointError, ConfigError, InputError, Qwen2VLFastError
 
 __version__ = "0.1.0"
-__all__ = ["load", "load_config", "ModelConfig", "ops", "Processor", "Qwen2VLFastError", "ConfigError", "CheckpointError",
+__all__ = ["load", "load_config", "ModelConfig", "ops", "Processor", "Engine", "Qwen2VLFastError", "ConfigError", "CheckpointError",
            "InputError", "BackendError", "__version__"]
 
 
@@ -18,6 +18,10 @@ def load(path, device="cpu", dtype=None, backend="auto", progress=None):
 
 def __getattr__(name):
     # Lazy: the processor pulls in Pillow, PyAV and tokenizers, which the model alone does not need.
+    if name in ("Engine", "Completion", "SamplingParams"):
+        from . import engine
+
+        return getattr(engine, name)
     if name == "Processor":
         from .processing.processor import Processor
 

@@ -39,3 +39,7 @@ class VideoError(ProcessingError):
 
 class PromptError(ProcessingError):
     """A prompt or chat is malformed, its placeholders disagree with the media, or it exceeds the context."""
+
+
+class EngineError(Qwen2VLFastError):
+    """The engine cannot serve a request as asked (cache too small, out of memory, batch too large)."""

@@ -56,24 +56,63 @@ class LanguageModel:
 
     def __call__(self, embeds: torch.Tensor, position_ids: torch.Tensor,
                  attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """embeds (B, L, hidden), position_ids (3, B, L) -> final-normed hidden states (B, L, hidden)."""
-        ops, t, eps = self.ops, self.t, self.t.rms_norm_eps
+        """Cache-less forward (transformers' prefill): embeds (B, L, hidden), position_ids (3, B, L) ->
+        final-normed hidden states (B, L, hidden)."""
+        ops, t = self.ops, self.t
         b, L, _ = embeds.shape
         cos, sin = ops.mrope_cos_sin(position_ids, self.inv_freq, t.mrope_section, embeds.dtype)
         key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+
+        def attend(i, q, k, v):
+            q, k = ops.apply_rotary(q, k, cos, sin)
+            return ops.causal_attention(q, k, v, key_mask, self.scale)
+        return self._layers(embeds, attend)
+
+    def prefill(self, embeds: torch.Tensor, position_ids: torch.Tensor, meta, cache, slots: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        """A packed batch of prompts: embeds (T, hidden), M-RoPE ids (3, T), `meta` the prompts' boundaries;
+        K/V of token i go to cache slot slots[i], position positions[i]. -> hidden (T, hidden)."""
+        ops = self.ops
+        cos, sin = ops.mrope_cos_sin(position_ids.unsqueeze(1), self.inv_freq, self.t.mrope_section, embeds.dtype)
+        cos, sin = cos[0], sin[0]
+
+        def attend(i, q, k, v):
+            q, k = ops.rope_kv_write(q, k, v, cos, sin, cache.k[i], cache.v[i], slots, positions)
+            return ops.prefill_attention(q, k, v, meta, self.scale)
+        return self._layers(embeds, attend)
+
+    def decode(self, embeds: torch.Tensor, rope_positions: torch.Tensor, cache, slots: torch.Tensor,
+               lengths: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence: embeds (B, hidden), rope_positions (B,) (= cache position + rope delta,
+        the same on all three M-RoPE axes), cache rows `slots`, `lengths` (B,) valid keys after this token's
+        write (its cache position is lengths - 1). -> hidden (B, hidden). No host sync: graph-capturable."""
+        ops = self.ops
+        cos, sin = ops.mrope_cos_sin(rope_positions.view(1, 1, -1).expand(3, 1, -1), self.inv_freq,
+                                     self.t.mrope_section, embeds.dtype)
+        cos, sin = cos[0], sin[0]
+        write_at = lengths - 1
+
+        def attend(i, q, k, v):
+            q, _ = ops.rope_kv_write(q, k, v, cos, sin, cache.k[i], cache.v[i], slots, write_at)
+            return ops.decode_attention(q, cache.k[i], cache.v[i], slots, lengths, self.scale)
+        return self._layers(embeds, attend)
+
+    def _layers(self, embeds: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder stack over (..., hidden) activations; attend(layer, q, k, v) -> (..., Hq, D) does the
+        rotary, the cache and the attention (each caller its own way)."""
+        ops, t, eps = self.ops, self.t, self.t.rms_norm_eps
+        lead = embeds.shape[:-1]
         residual = embeds
         h = ops.rms_norm(embeds, self.layers[0].input_norm, eps)
         for i, layer in enumerate(self.layers):
             qkv = ops.linear(h, layer.qkv_w, layer.qkv_b)
             q, k, v = qkv.split(self.split, dim=-1)
-            q = q.view(b, L, t.num_attention_heads, t.head_dim)
-            k = k.view(b, L, t.num_key_value_heads, t.head_dim)
-            v = v.view(b, L, t.num_key_value_heads, t.head_dim)
-            q, k = ops.apply_rotary(q, k, cos, sin)
-            attn = ops.causal_attention(q, k, v, key_mask, self.scale)
-            attn = ops.linear(attn.reshape(b, L, -1), layer.o_w)
+            q = q.view(*lead, t.num_attention_heads, t.head_dim)
+            k = k.view(*lead, t.num_key_value_heads, t.head_dim)
+            v = v.view(*lead, t.num_key_value_heads, t.head_dim)
+            attn = ops.linear(attend(i, q, k, v).reshape(*lead, -1), layer.o_w)
             h, residual = ops.add_rms_norm(attn, residual, layer.post_norm, eps)
-            mlp = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up_w)), layer.down_w)
+            mlp = ops.linear(ops.linear_swiglu(h, layer.gate_up_w, None), layer.down_w)
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm_w
             h, residual = ops.add_rms_norm(mlp, residual, next_norm, eps)
         return h

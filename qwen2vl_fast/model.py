@@ -117,6 +117,21 @@ class Qwen2VLFastModel:
         (resized uint8 frames per image, `ImageProcessor(return_frames=True)`) replaces pixel_values: the
         patch embedding then normalises and gathers inside its GEMM."""
         _check_unsupported(kwargs)
+        input_ids, attention_mask, embeds, position_ids, rope_deltas = self.prepare_inputs(
+            input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+            second_per_grid_ts, position_ids, mm_token_type_ids, pixel_frames)
+        hidden = self.language_model(embeds, position_ids, attention_mask)
+        if logits_to_keep:
+            hidden = hidden[:, -int(logits_to_keep):]
+        return Qwen2VLFastOutput(logits=self.language_model.logits(hidden), rope_deltas=rope_deltas)
+
+    forward = __call__
+
+    def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                       pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
+                       mm_token_type_ids=None, pixel_frames=None):
+        """Validated ids and mask, input embeddings with the vision features in place, M-RoPE ids and deltas:
+        everything before the decoder (shared by the forward and the generation engine's prefill)."""
         input_ids, attention_mask = self._check_text(input_ids, attention_mask)
         if mm_token_type_ids is not None:
             self._check_token_types(mm_token_type_ids, input_ids)
@@ -144,12 +159,8 @@ class Qwen2VLFastModel:
                 features = self.visual(torch.as_tensor(pixels), grid).to(embeds.dtype)
             slots = (input_ids == token_id).unsqueeze(-1)
             embeds = embeds.masked_scatter(slots, features)
-        hidden = self.language_model(embeds, position_ids, attention_mask)
-        if logits_to_keep:
-            hidden = hidden[:, -int(logits_to_keep):]
-        return Qwen2VLFastOutput(logits=self.language_model.logits(hidden), rope_deltas=rope_deltas)
+        return input_ids, attention_mask, embeds, position_ids, rope_deltas
 
-    forward = __call__
 
     def _check_token_types(self, types, input_ids):
         types = torch.as_tensor(types).to(self.device)

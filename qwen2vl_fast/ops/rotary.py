@@ -6,6 +6,8 @@ computes cos/sin in fp32, rounds them to the model dtype and rotates in the mode
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .registry import implementation, reference, triton_auto_on, triton_runs_on
@@ -40,8 +42,7 @@ def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_sect
     repeats frequency j. Angles are `pos * inv_freq` in fp32, cos/sin in fp32, then rounded to `dtype`.
     """
     half = inv_freq.shape[0]
-    axis = torch.repeat_interleave(torch.arange(3, device=position_ids.device),
-                                   torch.tensor(list(mrope_section), device=position_ids.device))
+    axis = _section_axes(tuple(mrope_section), str(position_ids.device))
     if axis.shape[0] != half:
         raise ValueError(f"mrope_section {list(mrope_section)} does not cover {half} frequencies")
     # pos_per_freq[b, l, j] = position_ids[axis[j], b, l]
@@ -49,6 +50,13 @@ def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_sect
     freqs = pos * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _section_axes(section: tuple, device: str) -> torch.Tensor:
+    """Which M-RoPE axis (0 = T, 1 = H, 2 = W) each frequency uses; cached so a CUDA-graph capture never copies
+    it from the host."""
+    return torch.repeat_interleave(torch.arange(3), torch.tensor(section)).to(device)
 
 
 @reference("apply_rotary")

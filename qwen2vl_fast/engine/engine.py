@@ -1,0 +1,213 @@
+"""The generation engine: prefill a packed batch of prompts (vision tower + text in one pass), then decode one
+token per step per sequence from a preallocated KV cache, on CUDA graphs when the device has them.
+
+    engine = Engine.from_pretrained(path, device="cuda", dtype="bfloat16")
+    [c] = engine.generate([{"role": "user", "content": [{"type": "image", "image": "a.jpg"},
+                                                         {"type": "text", "text": "Describe it."}]}])
+    c.text, c.token_ids, c.timings
+    for event in engine.stream(chat): print(event.text, end="")
+
+Positions follow the original release: prompt tokens get M-RoPE ids, decode positions are cache position +
+rope delta on all three axes. A failed request (bad input, cache too small, out of memory) raises a typed
+error and leaves the engine ready for the next one: the cache is only written, never resized.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from ..errors import EngineError, PromptError
+from ..ops import VarlenMeta
+from .cache import KVCache
+from .graphs import DecodeGraphs
+from .params import SamplingParams
+
+STOP_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>: the checkpoints' generation_config eos ids
+
+
+@dataclass
+class Completion:
+    token_ids: list
+    text: str
+    finish_reason: str  # "stop" (a stop token, included in token_ids) or "length"
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class TokenEvent:
+    index: int  # which prompt of the batch
+    token_id: int
+    text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
+    finished: bool
+
+
+class Engine:
+    def __init__(self, model, processor=None, max_batch: int = 16, max_len: Optional[int] = None,
+                 cuda_graphs: bool = True, stop_token_ids=STOP_TOKEN_IDS):
+        self.model, self.processor = model, processor
+        cfg = model.config.text
+        self.max_len = int(max_len or min(cfg.max_position_embeddings, 8192))
+        self.cache = KVCache.allocate(cfg, max_batch, self.max_len, model.dtype, model.device)
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.graphs = None
+        if cuda_graphs and model.device.type == "cuda":
+            self.graphs = DecodeGraphs(model.language_model, self.cache)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None, cuda_graphs: bool = True, backend: str = "auto",
+                        max_batch: int = 16, max_len: Optional[int] = None) -> "Engine":
+        import qwen2vl_fast
+        from ..processing.processor import Processor
+
+        model = qwen2vl_fast.load(path, device=device, dtype=dtype, backend=backend)
+        try:
+            processor = Processor.from_pretrained(path)
+        except PromptError:  # no tokenizer: the engine still takes processed dicts (texts stay empty)
+            processor = None
+        return cls(model, processor, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs)
+
+    # -- public API ---------------------------------------------------------------------------------------
+
+    def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
+                 ignore_eos: bool = False) -> list:
+        """prompts: one chat (list of messages), a list of chats, or a processed dict (input_ids,
+        attention_mask, pixel_values, image_grid_thw, ...). Returns one Completion per prompt."""
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos)
+        report: dict = {}
+        for _ in self._run(prompts, params, report):
+            pass
+        return [Completion(t, self._decode(t), r, dict(report["timings"]))
+                for t, r in zip(report["tokens"], report["reasons"])]
+
+    def stream(self, prompts, **kwargs) -> Iterator[TokenEvent]:
+        """Yields a TokenEvent per generated token, as it comes (same arguments as generate)."""
+        params = SamplingParams(**kwargs)
+        emitted: dict = {}
+        for index, token_id, finished, so_far in self._run(prompts, params, {}):
+            text = self._decode(so_far)
+            delta = text[len(emitted.get(index, "")):] if not text.endswith("\ufffd") else ""
+            if delta:
+                emitted[index] = text
+            yield TokenEvent(index, token_id, delta, finished)
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run(self, prompts, params: SamplingParams, report: dict):
+        """Yields (prompt index, token id, finished, tokens so far) per generated token; fills `report` with
+        the tokens, finish reasons and timings at the end."""
+        t0 = time.perf_counter()
+        inputs = self._inputs(prompts)
+        batch = self._prefill(inputs, params)
+        b, lengths, deltas, logits = batch
+        dev = self.model.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        seen = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=dev)
+        seen.scatter_(1, inputs["input_ids"].to(dev), True)  # the prompt counts, padding too (as transformers)
+        knobs = _knobs(params, b, dev)
+        stop = torch.tensor(self.stop_token_ids if not params.ignore_eos else [-1], device=dev)
+        out_tokens = [[] for _ in range(b)]
+        finished = [False] * b
+        reasons = ["length"] * b
+        slots = torch.arange(b, device=dev)
+        ttft = None
+        for step in range(params.max_new_tokens):
+            noise = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=gen)
+            nxt = self.model.ops.sample(logits, *knobs, seen, noise)
+            seen.scatter_(1, nxt.view(-1, 1), True)
+            is_stop = torch.isin(nxt, stop)
+            host = nxt.tolist()  # the one sync per step: tokens must reach the caller (streaming, stop)
+            stops = is_stop.tolist()
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            for i, tok in enumerate(host):
+                if finished[i]:
+                    continue
+                out_tokens[i].append(tok)
+                if stops[i]:
+                    finished[i], reasons[i] = True, "stop"
+                elif len(out_tokens[i]) >= params.max_new_tokens:
+                    finished[i] = True
+                yield i, tok, finished[i], out_tokens[i]
+            if all(finished):
+                break
+            positions = lengths + step  # cache position of the token just sampled
+            logits = self._decode_step(nxt, positions + deltas, slots, positions + 1)
+        total = time.perf_counter() - t0
+        n_gen = sum(len(t) for t in out_tokens)
+        decode_s = max(total - (ttft or total), 1e-9)
+        report.update(tokens=out_tokens, reasons=reasons, timings={
+            "prefill_s": ttft, "total_s": total, "generated_tokens": n_gen,
+            "decode_tokens_per_s": (n_gen - b) / decode_s if n_gen > b else 0.0,
+            "cuda_graphs": self.graphs is not None})
+
+    def _inputs(self, prompts) -> dict:
+        if isinstance(prompts, dict):
+            if "input_ids" not in prompts:
+                raise PromptError("a processed prompt dict needs input_ids")
+            return dict(prompts)
+        if self.processor is None:
+            raise PromptError("this checkpoint has no tokenizer.json: pass processed dicts (input_ids, ...)")
+        if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise PromptError("prompts must be a chat, a list of chats or a processed dict")
+        return self.processor(list(prompts), device=self.model.device)
+
+    def _prefill(self, inputs: dict, params: SamplingParams):
+        model, dev = self.model, self.model.device
+        ids, mask, embeds, position_ids, rope_deltas = model.prepare_inputs(
+            inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
+            inputs.get("image_grid_thw"), inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"),
+            inputs.get("second_per_grid_ts"), None, inputs.get("mm_token_type_ids"), inputs.get("pixel_frames"))
+        b, L = ids.shape
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        host_lengths = mask.sum(1).tolist()
+        if min(host_lengths) == 0:
+            raise PromptError("empty prompt: a row of the batch has no tokens")
+        if b > self.cache.max_batch:
+            raise EngineError(f"{b} prompts exceed the engine's max_batch {self.cache.max_batch}")
+        longest = max(host_lengths) + params.max_new_tokens
+        if longest > self.max_len:
+            raise PromptError(f"prompt ({max(host_lengths)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
+                              f"{longest} exceeds the KV cache length {self.max_len}")
+        flat = mask.reshape(-1)
+        slots = torch.arange(b, device=dev).repeat_interleave(L)[flat]
+        positions = (mask.long().cumsum(1) - 1).reshape(-1)[flat]
+        meta = VarlenMeta.from_lengths(host_lengths, dev)
+        try:
+            hidden = model.language_model.prefill(embeds.reshape(b * L, -1)[flat], position_ids.reshape(3, -1)[:, flat],
+                                                  meta, self.cache, slots, positions)
+        except torch.OutOfMemoryError:
+            raise EngineError(f"out of memory in the prefill of {b} prompts ({sum(host_lengths)} tokens); send "
+                              f"fewer or shorter prompts, or fewer image pixels") from None
+        last = meta.cu_seqlens[1:].long() - 1
+        logits = model.language_model.logits(hidden[last])
+        lengths = torch.tensor(host_lengths, device=dev)
+        # deltas in the cache's own (unpadded) coordinates: max M-RoPE id + 1 - prompt length
+        deltas = rope_deltas.view(-1).to(dev) + (L - lengths)
+        return b, lengths, deltas, logits
+
+    def _decode_step(self, tokens, rope_positions, slots, lengths):
+        if self.graphs is not None:
+            return self.graphs.run(tokens, rope_positions, slots, lengths)
+        lm = self.model.language_model
+        hidden = lm.decode(lm.embed(tokens), rope_positions, self.cache, slots, lengths)
+        return lm.logits(hidden)
+
+    def _decode(self, token_ids) -> str:
+        return self.processor.decode(token_ids) if self.processor is not None else ""
+
+
+def _knobs(params: SamplingParams, b: int, dev):
+    def full(value, dtype):
+        return torch.full((b,), value, dtype=dtype, device=dev)
+    return (full(float(params.temperature), torch.float32), full(int(params.top_k), torch.int64),
+            full(float(params.top_p), torch.float32), full(float(params.repetition_penalty), torch.float32))
+

@@ -1,0 +1,63 @@
+"""Ops of the generation path (references): M-RoPE fused with the KV-cache write, causal prefill attention
+over a packed batch, decode attention over the cache.
+
+KV cache layout, per layer: (max_batch, max_len, kv_heads, head_dim), one row per sequence slot. A token's K/V
+go to [slot, position]; rows a CUDA graph pads with point at spare slots, so writing them is harmless.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import VarlenMeta
+from .registry import reference
+from .rotary import rotate_half
+
+
+@reference("rope_kv_write")
+def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor):
+    """Rotate q (T, Hq, D) and k (T, Hkv, D) by cos/sin (T, D) (in the model dtype, as transformers), write the
+    rotated k and v (T, Hkv, D) into k_cache/v_cache[slots[t], positions[t]]; returns the rotated (q, k).
+    Decode passes cos/sin of plain positions (all three M-RoPE rows equal position + rope_delta)."""
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = q * c + rotate_half(q) * s
+    k = k * c + rotate_half(k) * s
+    k_cache[slots, positions] = k
+    v_cache[slots, positions] = v
+    return q, k
+
+
+@reference("prefill_attention")
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VarlenMeta, scale: float):
+    """Causal GQA attention within each sequence of a packed batch. q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D);
+    kv head g serves q heads g*r .. g*r + r - 1 (r = Hq / Hkv)."""
+    out = torch.empty_like(q)
+    rep = q.shape[1] // k.shape[1]
+    start = 0
+    for n in meta.lengths:
+        sl = slice(start, start + n)
+        qs = q[sl].transpose(0, 1)
+        ks = k[sl].transpose(0, 1).repeat_interleave(rep, dim=0)
+        vs = v[sl].transpose(0, 1).repeat_interleave(rep, dim=0)
+        out[sl] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+        start += n
+    return out
+
+
+@reference("decode_attention")
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     lengths: torch.Tensor, scale: float):
+    """One query per sequence against its cached keys. q (B, Hq, D); slots (B,) cache rows; lengths (B,) valid
+    keys per row (the current token's included) -> (B, Hq, D). Softmax in fp32. No host sync: the whole cache
+    row is read and masked, so shapes never depend on the lengths."""
+    b, hq, d = q.shape
+    k, v = k_cache[slots], v_cache[slots]  # (B, L, Hkv, D)
+    hkv = k.shape[2]
+    qg = q.view(b, hkv, hq // hkv, d).float()
+    scores = torch.einsum("bgrd,blgd->bgrl", qg, k.float()) * scale
+    valid = torch.arange(k.shape[1], device=q.device)[None, :] < lengths.view(-1, 1)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.einsum("bgrl,blgd->bgrd", probs, v).reshape(b, hq, d)
