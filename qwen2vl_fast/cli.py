@@ -1,7 +1,9 @@
 """`qwen2vl-fast`: the command line.
 
-  qwen2vl-fast demo [--preset tiny-qwen2-vl] [--check]   the main job on an embedded default: write a random
-                                                         checkpoint, load it, run one image + text prompt
+  qwen2vl-fast demo [--check]                            the main job on an embedded default: write a random
+                                                         checkpoint (tiny on the CPU, Qwen2-VL-2B on a GPU),
+                                                         run one image + text prompt, generate, print tokens/s
+  qwen2vl-fast generate --model DIR [--image P] [--video P] "prompt"   stream an answer
   qwen2vl-fast write-checkpoint --preset P --out DIR     a random-weight checkpoint in the HF format
   qwen2vl-fast presets                                   the presets and their sizes
   qwen2vl-fast ops [--device cuda]                       every op, its implementations, what `auto` picks
@@ -62,57 +64,60 @@ def _cmd_ops(args) -> int:
     return 0
 
 
-def demo_inputs(cfg, image_hw=(224, 336), text="Describe this image.", seed=0):
-    """A chat prompt with one image, built without the image processor: the image is random normalised
-    pixels already patchified into (N, 1176) rows for a grid of (1, H/14, W/14)."""
-    from .testing.tokenizer import QWEN_SPECIAL_TOKENS as tok
+def _demo_picture(h: int, w: int):
+    """A synthetic photo-like picture (gradients and a disc), so the demo needs no file."""
+    import numpy as np
+    from PIL import Image
 
-    h, w = image_hw
-    grid = torch.tensor([[1, h // 14, w // 14]])
-    n_pad = int(grid.prod()) // cfg.vision.merge_unit
-    gen = torch.Generator().manual_seed(seed)
-    words = [100 + i for i in range(len(text.split()))]  # stand-in text ids below the special range
-    ids = ([tok["<|im_start|>"], 872, 198, tok["<|vision_start|>"]] + [tok["<|image_pad|>"]] * n_pad
-           + [tok["<|vision_end|>"]] + words + [tok["<|im_end|>"], 198, tok["<|im_start|>"], 77091, 198])
-    pixel_values = torch.randn(int(grid.prod()), cfg.vision.patch_dim, generator=gen)
-    return torch.tensor([ids]), pixel_values, grid
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), np.full_like(x, 128)], -1)
+    img[(x - w / 2) ** 2 + (y - h / 2) ** 2 < (min(h, w) / 4) ** 2] = (240, 200, 30)
+    return Image.fromarray(img.astype(np.uint8))
 
 
 def _cmd_demo(args) -> int:
-    import qwen2vl_fast
-
+    from .engine import Engine
     from .testing.checkpoint_writer import write_random_checkpoint
 
+    if args.preset is None:
+        args.preset = "qwen2-vl-2b" if str(args.device).startswith("cuda") else "tiny-qwen2-vl"
+    if args.dtype is None:
+        args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
     dtype = _DTYPES[args.dtype]
     with tempfile.TemporaryDirectory(prefix="qwen2vl_fast_demo_") as tmp:
         path = args.checkpoint or tmp
         if not args.checkpoint:
             t0 = time.perf_counter()
-            write_random_checkpoint(path, args.preset, dtype=dtype, seed=0)
-            print(f"[1/4] wrote a random-weight {args.preset} checkpoint ({args.dtype}) to {path} "
+            write_random_checkpoint(path, args.preset, dtype=dtype, seed=0, std=0.05)
+            print(f"[1/5] wrote a random-weight {args.preset} checkpoint ({args.dtype}) to {path} "
                   f"in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        model = qwen2vl_fast.load(path, device=args.device, dtype=dtype, backend=args.backend)
-        print(f"[2/4] loaded {model} in {time.perf_counter() - t0:.1f} s")
-        if args.image_file:  # a real image through the processor (chat template, resize, patchify)
-            from .processing.processor import Processor
-
-            chat = [{"role": "user", "content": [{"type": "image", "image": args.image_file},
-                                                 {"type": "text", "text": args.prompt}]}]
-            inputs = Processor.from_pretrained(path)(chat, device=args.device)
-            ids, pixels, grid = inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"]
-            source = f"{args.image_file} (processed)"
-        else:
-            ids, pixels, grid = demo_inputs(model.config, tuple(args.image))
-            source = f"one random {args.image[0]}x{args.image[1]} image"
-        print(f"[3/4] prompt: {ids.shape[1]} tokens, {source} -> grid {grid.tolist()[0]}, {pixels.shape[0]} "
+        engine = Engine.from_pretrained(path, device=args.device, dtype=dtype, backend=args.backend,
+                                        cuda_graphs=not args.no_cuda_graphs, max_batch=1,
+                                        max_len=args.max_new_tokens + 4096)
+        model = engine.model
+        print(f"[2/5] loaded {model} in {time.perf_counter() - t0:.1f} s")
+        image = args.image_file or _demo_picture(*args.image)
+        chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.prompt}]}]
+        inputs = engine.processor(chat, device=args.device)
+        ids, pixels, grid = inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"]
+        source = args.image_file or f"a synthetic {args.image[0]}x{args.image[1]} picture"
+        print(f"[3/5] prompt: {ids.shape[1]} tokens, {source} -> grid {grid.tolist()[0]}, {pixels.shape[0]} "
               f"patches, {pixels.shape[0] // 4} image tokens")
         t0 = time.perf_counter()
-        out = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
+        out = model(**inputs)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
         top = out.logits[0, -1].float().topk(5)
-        print(f"[4/4] forward in {ms:.1f} ms on {args.device}: logits {tuple(out.logits.shape)} {out.logits.dtype}, "
+        print(f"[4/5] forward in {ms:.1f} ms on {args.device}: logits {tuple(out.logits.shape)} {out.logits.dtype}, "
               f"rope_delta {int(out.rope_deltas[0, 0])}, next-token top-5 ids {top.indices.tolist()}")
+        engine.generate(chat, max_new_tokens=2, ignore_eos=True)  # warm-up (CUDA graphs, Triton compiles)
+        [c] = engine.generate(chat, max_new_tokens=args.max_new_tokens, ignore_eos=True)
+        t = c.timings
+        print(f"[5/5] generated {len(c.token_ids)} tokens (random weights: ids, not words) {c.token_ids[:8]}...: "
+              f"prefill {t['prefill_s'] * 1e3:.1f} ms, decode {t['decode_tokens_per_s']:.1f} tokens/s "
+              f"({'CUDA graphs' if t['cuda_graphs'] else 'eager'})")
         if args.check:
             err = _check_against_transformers(path, model.config, ids, pixels, grid, out.logits, dtype, args.device)
             print(f"[check] transformers on the same checkpoint: ||Δlogits|| / ||logits|| = {err:.2e}")
@@ -136,6 +141,27 @@ def _check_against_transformers(path, cfg, ids, pixels, grid, logits, dtype, dev
     return float((logits.float() - ref.float()).norm() / ref.float().norm())
 
 
+def _cmd_generate(args) -> int:
+    from .engine import Engine
+
+    device = args.device
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    engine = Engine.from_pretrained(args.model, device=device, dtype=dtype, backend=args.backend, max_batch=1,
+                                    cuda_graphs=not args.no_cuda_graphs, max_len=args.max_len)
+    content = ([{"type": "image", "image": p} for p in args.image] + [{"type": "video", "video": p} for p in args.video]
+               + [{"type": "text", "text": args.prompt}])
+    events = engine.stream([{"role": "user", "content": content}], max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           repetition_penalty=args.repetition_penalty, seed=args.seed)
+    for event in events:
+        print(event.text, end="", flush=True)
+    print()
+    t = engine.last_timings
+    print(f"[{t['generated_tokens']} tokens, prefill {t['prefill_s'] * 1e3:.0f} ms, "
+          f"{t['decode_tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen2vl-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,17 +169,38 @@ def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
 
     d = sub.add_parser("demo", help="run the main job on an embedded tiny random checkpoint")
-    d.add_argument("--preset", default="tiny-qwen2-vl", choices=list(PRESETS))
+    d.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="default: qwen2-vl-2b on a GPU, tiny-qwen2-vl on the CPU")
     d.add_argument("--checkpoint", help="use this checkpoint directory instead of writing one")
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    d.add_argument("--dtype", default="float32", choices=list(_DTYPES))
+    d.add_argument("--dtype", default=None, choices=list(_DTYPES), help="default: bfloat16 on a GPU, else float32")
     d.add_argument("--backend", default="auto")
+    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--no-cuda-graphs", action="store_true")
     d.add_argument("--image", type=int, nargs=2, default=[224, 336], metavar=("H", "W"),
-                   help="size of the random stand-in image (without --image-file)")
+                   help="size of the synthetic picture (without --image-file)")
     d.add_argument("--image-file", help="a real image (path, file:// or data URI), run through the processor")
     d.add_argument("--prompt", default="Describe this image.")
     d.add_argument("--check", action="store_true", help="also run transformers and print the logits difference")
     d.set_defaults(fn=_cmd_demo)
+
+    g = sub.add_parser("generate", help="stream an answer to a prompt with images / videos")
+    g.add_argument("prompt")
+    g.add_argument("--model", required=True, help="checkpoint directory")
+    g.add_argument("--image", action="append", default=[], help="image path / file:// / data URI (repeatable)")
+    g.add_argument("--video", action="append", default=[], help="video path (repeatable)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default=None, choices=list(_DTYPES), help="default: the checkpoint's")
+    g.add_argument("--backend", default="auto")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-len", type=int, default=None, help="KV cache length (default: min(context, 8192))")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--no-cuda-graphs", action="store_true")
+    g.set_defaults(fn=_cmd_generate)
 
     w = sub.add_parser("write-checkpoint", help="write a random-weight checkpoint in the HF format")
     w.add_argument("--preset", required=True, choices=list(PRESETS))

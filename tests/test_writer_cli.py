@@ -69,7 +69,7 @@ def test_cli_write_checkpoint_presets_ops_and_demo(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["varlen_attention"]["auto"] == "torch"
     assert cli.main(["demo", "--checkpoint", str(tmp_path / "w"), "--device", "cpu", "--image", "56", "84"]) == 0
     out = capsys.readouterr().out
-    assert "[4/4] forward" in out and "grid [1, 4, 6]" in out
+    assert "[4/5] forward" in out and "grid [1, 4, 6]" in out
 
 
 def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
@@ -110,4 +110,19 @@ def test_cli_demo_with_a_real_image_file(tmp_path, capsys):
     assert cli.main(["demo", "--checkpoint", str(tmp_path / "w"), "--device", "cpu",
                      "--image-file", str(tmp_path / "red.png")]) == 0
     out = capsys.readouterr().out
-    assert "red.png (processed) -> grid [1, 4, 6]" in out and "[4/4] forward" in out
+    assert "red.png -> grid [1, 4, 6]" in out and "[4/5] forward" in out
+
+
+def test_cli_generate_streams_an_answer(tmp_path, capsys):
+    from PIL import Image
+
+    assert cli.main(["write-checkpoint", "--preset", "tiny-qwen2-vl", "--out", str(tmp_path / "w"),
+                     "--dtype", "float32"]) == 0
+    Image.new("RGB", (90, 60), (0, 90, 200)).save(tmp_path / "blue.png")
+    assert cli.main(["generate", "--model", str(tmp_path / "w"), "--image", str(tmp_path / "blue.png"),
+                     "--device", "cpu", "--max-new-tokens", "4", "--max-len", "512", "What is it?"]) == 0
+    err = capsys.readouterr().err
+    assert "tokens/s]" in err and "prefill" in err
+    assert cli.main(["generate", "--model", str(tmp_path / "w"), "--device", "cpu", "--temperature", "-1",
+                     "hi"]) == 2
+    assert "temperature" in capsys.readouterr().err

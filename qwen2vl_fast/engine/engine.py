@@ -53,6 +53,7 @@ class Engine:
         self.max_len = int(max_len or min(cfg.max_position_embeddings, 8192))
         self.cache = KVCache.allocate(cfg, max_batch, self.max_len, model.dtype, model.device)
         self.stop_token_ids = tuple(stop_token_ids)
+        self.last_timings: Optional[dict] = None  # of the last finished generate / stream
         self.graphs = None
         if cuda_graphs and model.device.type == "cuda":
             self.graphs = DecodeGraphs(model.language_model, self.cache)
@@ -81,6 +82,7 @@ class Engine:
         report: dict = {}
         for _ in self._run(prompts, params, report):
             pass
+        self.last_timings = report["timings"]
         return [Completion(t, self._decode(t), r, dict(report["timings"]))
                 for t, r in zip(report["tokens"], report["reasons"])]
 
@@ -88,12 +90,14 @@ class Engine:
         """Yields a TokenEvent per generated token, as it comes (same arguments as generate)."""
         params = SamplingParams(**kwargs)
         emitted: dict = {}
-        for index, token_id, finished, so_far in self._run(prompts, params, {}):
+        report: dict = {}
+        for index, token_id, finished, so_far in self._run(prompts, params, report):
             text = self._decode(so_far)
             delta = text[len(emitted.get(index, "")):] if not text.endswith("\ufffd") else ""
             if delta:
                 emitted[index] = text
             yield TokenEvent(index, token_id, delta, finished)
+        self.last_timings = report.get("timings")
 
     # -- the loop -----------------------------------------------------------------------------------------
 
