@@ -179,3 +179,17 @@ def test_cuda_graph_decode_gives_the_eager_tokens(tiny_checkpoints, family):
     b = eager.generate(chats(), max_new_tokens=16)
     assert graphs.graphs is not None and graphs.graphs.graphs
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+def test_out_of_memory_at_prefill_is_a_clear_error_and_the_engine_recovers(engine, monkeypatch):
+    lm = engine.model.language_model
+    real = lm.prefill
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(lm, "prefill", oom)
+    with pytest.raises(EngineError, match="out of memory in the prefill"):
+        engine.generate(chats(), max_new_tokens=2)
+    monkeypatch.setattr(lm, "prefill", real)
+    assert len(engine.generate(chats(), max_new_tokens=2)) == 2
