@@ -22,6 +22,7 @@ import torch
 
 from ..errors import EngineError, PromptError
 from ..ops import VarlenMeta
+from ..ops.sampling import greedy
 from .cache import KVCache
 from .graphs import DecodeGraphs
 from .params import SamplingParams
@@ -122,8 +123,11 @@ class Engine:
         slots = torch.arange(b, device=dev)
         ttft = None
         for step in range(params.max_new_tokens):
-            noise = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=gen)
-            nxt = self.model.ops.sample(logits, *knobs, seen, noise)
+            if params.temperature == 0:  # greedy: no noise, no vocabulary sort
+                nxt = greedy(logits, knobs[3], seen)
+            else:
+                noise = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=gen)
+                nxt = self.model.ops.sample(logits, *knobs, seen, noise)
             seen.scatter_(1, nxt.view(-1, 1), True)
             is_stop = torch.isin(nxt, stop)
             host = nxt.tolist()  # the one sync per step: tokens must reach the caller (streaming, stop)

@@ -20,10 +20,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            repetition_penalty: torch.Tensor, seen: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """logits (B, V); temperature, top_p, repetition_penalty (B,) float; top_k (B,) int (0 = off);
     seen (B, V) bool; noise (B, V) Exp(1) samples -> next tokens (B,) int64."""
-    x = logits.float()
-    penalty = repetition_penalty.float().view(-1, 1)
-    penalised = torch.where(x > 0, x / penalty, x * penalty)
-    x = torch.where(seen, penalised, x)
+    x = penalize(logits, repetition_penalty, seen)
     greedy = x.argmax(dim=-1)
     t = temperature.float().view(-1, 1)
     x = x / torch.where(t > 0, t, torch.ones_like(t))
@@ -41,3 +38,15 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     noise_sorted = noise.float().gather(-1, order)
     pick = order.gather(-1, (probs / noise_sorted).argmax(dim=-1, keepdim=True)).squeeze(-1)
     return torch.where(temperature > 0, pick, greedy)
+
+
+def penalize(logits: torch.Tensor, repetition_penalty: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """transformers' repetition penalty on the tokens already seen, in fp32."""
+    x = logits.float()
+    penalty = repetition_penalty.float().view(-1, 1)
+    return torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+
+
+def greedy(logits: torch.Tensor, repetition_penalty: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """The greedy rows of `sample` without its vocabulary sort: argmax of the penalised logits."""
+    return penalize(logits, repetition_penalty, seen).argmax(dim=-1)
