@@ -12,7 +12,9 @@
 # Output: everything tee'd to ${OUT:-bench/results/_scratch}/gpu_check.log; result JSON files in bench/results
 # and copied next to the log (QWEN2VL_FAST_BENCH_OUT). At most 8 files come back from $OUT: keep it that way.
 # Knobs (environment): GPU_CHECK_STEPS (default: all of env install gpu-tests tests bench-2b bench-3b),
-# GPU_CHECK_BUDGET_S (default 560 s for everything), PYTHON (default python3), BENCH_REPS (default 10).
+# GPU_CHECK_BUDGET_S (default 560 s for everything), PYTHON (default python3), BENCH_REPS (default 10),
+# BENCH_GEN_REPS (default 3, for bench_generate). Opt-in steps, named in GPU_CHECK_STEPS only: generate-2b,
+# llm-kernels, generate-7b (decode/prefill vs transformers; the LLM kernels vs SDPA / torch.compile).
 # The copied tree has no .git there: pass the commit as QWEN2VL_FAST_GIT_COMMIT (and _DIRTY=1 if so).
 # Packages the GPU image lacks (PyAV for the video tests and benchmark) travel as wheels in .whl/ (git-ignored;
 # name it in the run's `carry`), prepared here with:
@@ -29,6 +31,7 @@ PY="${PYTHON:-python3}"  # the lent machines have python3 (with torch), maybe no
 STEPS="${GPU_CHECK_STEPS:-env install gpu-tests tests vision-kernels vision-tower bench-2b bench-3b processing}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-560}"
 REPS="${BENCH_REPS:-10}"
+GEN_REPS="${BENCH_GEN_REPS:-3}"  # generate runs are seconds each (transformers eager: 128 steps of ~30 ms)
 export PYTHONUNBUFFERED=1
 export QWEN2VL_FAST_BENCH_OUT="$OUT_DIR"
 export MAX_JOBS="${MAX_JOBS:-16}"  # parallel nvcc jobs for the extension build (torch cpp_extension)
@@ -80,6 +83,14 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|nump
     step bench-2b 200 "$PY" bench/bench_model_forward.py --preset qwen2-vl-2b --reps "$REPS"
     step bench-3b 220 "$PY" bench/bench_model_forward.py --preset qwen2.5-vl-3b --reps "$REPS"
     step processing 120 "$PY" bench/bench_processing.py --device cuda --reps 5
+    # Generation benchmarks: not in the default STEPS (each can take most of a call); name them, one per call:
+    # GPU_CHECK_STEPS="install generate-2b", "install llm-kernels", "install generate-7b" (the 7B checkpoint
+    # alone is ~16 GB of random weights to write first).
+    step generate-2b 420 "$PY" bench/bench_generate.py --presets qwen2-vl-2b --batches 1 4 16 64 --new-tokens 128 \
+        --reps "$GEN_REPS"
+    step llm-kernels 360 "$PY" bench/bench_llm_kernels.py --reps 30
+    step generate-7b 480 "$PY" bench/bench_generate.py --presets qwen2-vl-7b --batches 1 16 --new-tokens 128 \
+        --reps "$GEN_REPS"
 
     echo
     echo "=== summary (${SECONDS}s of ${BUDGET_S}s budget; log: $LOG)"
