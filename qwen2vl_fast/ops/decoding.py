@@ -61,3 +61,39 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return torch.einsum("bgrl,blgd->bgrd", probs, v).reshape(b, hq, d)
+
+
+# ------------------------------------------------------------------------------- fast implementations
+from .registry import implementation, triton_auto_on, triton_runs_on  # noqa: E402
+
+
+@implementation("prefill_attention", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def prefill_attention_triton(q, k, v, meta: VarlenMeta, scale: float):
+    """Triton causal GQA prefill attention (kernels/llm_attention.py), imported on first call so importing the
+    op layer never needs Triton."""
+    from qwen2vl_fast.kernels.llm_attention import prefill_attention as launch
+
+    return launch(q, k, v, meta, scale)
+
+
+@implementation("decode_attention", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale: float):
+    """Triton split-K (flash-decoding) attention over the KV cache (kernels/llm_attention.py); no host sync,
+    CUDA-graph capturable."""
+    from qwen2vl_fast.kernels.llm_attention import decode_attention as launch
+
+    return launch(q, k_cache, v_cache, slots, lengths, scale)
+
+
+# ------------------------------------------------------------------ rope_kv_write: Triton (kernels/mrope.py)
+from .registry import implementation as _implementation  # noqa: E402
+from .registry import triton_auto_on as _triton_auto_on, triton_runs_on as _triton_runs_on  # noqa: E402
+
+
+@_implementation("rope_kv_write", "triton", runs_on=_triton_runs_on, auto_on=_triton_auto_on)
+def rope_kv_write_triton(q, k, v, cos, sin, k_cache, v_cache, slots, positions):
+    """Rotates q and k IN PLACE (they are views of the qkv projection output, never copied) and returns them;
+    callers must not reuse the un-rotated q/k. Bit-identical to the reference; no host sync."""
+    from qwen2vl_fast.kernels.mrope import rope_kv_write as launch
+
+    return launch(q, k, v, cos, sin, k_cache, v_cache, slots, positions)

@@ -75,3 +75,22 @@ def vision_rotary_triton(qkv, cos, sin, num_heads):
     from qwen2vl_fast.kernels.rotary import vision_rotary as _k
 
     return _k(qkv, cos, sin, num_heads)
+
+
+# ------------------------------------------------------------------------------ Triton M-RoPE (kernels/mrope.py)
+
+@implementation("mrope_cos_sin", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def mrope_cos_sin_triton(position_ids, inv_freq, mrope_section, dtype):
+    """One kernel for the tables (fp32 angles and trig, one rounding); equal to the reference up to the libm's
+    cos/sin (libdevice on CUDA, numpy under the interpreter: 1 fp32 ulp before the rounding)."""
+    from qwen2vl_fast.kernels.mrope import mrope_cos_sin as _k
+
+    return _k(position_ids, inv_freq, mrope_section, dtype)
+
+
+@implementation("apply_rotary", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def apply_rotary_triton(q, k, cos, sin):
+    """New rotated q, k (inputs untouched), bit-identical to the reference in every dtype."""
+    from qwen2vl_fast.kernels.mrope import apply_rotary as _k
+
+    return _k(q, k, cos, sin)
