@@ -53,7 +53,7 @@ setup(
     python_requires=">=3.10",
     # `kernels` must never be importable at the top level: a PyPI package of that name exists and
     # transformers imports it when found. It installs as the subpackage qwen2vl_fast.kernels.
-    packages=["qwen2vl_fast", "qwen2vl_fast.engine", "qwen2vl_fast.ops", "qwen2vl_fast.processing",
+    packages=["qwen2vl_fast", "qwen2vl_fast.engine", "qwen2vl_fast.ops", "qwen2vl_fast.processing", "qwen2vl_fast.quant",
               "qwen2vl_fast.testing", "qwen2vl_fast.kernels"],
     package_dir={"qwen2vl_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "safetensors>=0.4", "numpy", "tokenizers>=0.19", "tqdm", "pillow", "av"],
