@@ -43,13 +43,19 @@ class LanguageModel:
             ))
         self.norm_w = weights["model.norm.weight"]
         self.lm_head_w = weights["lm_head.weight"]
-        self.dtype, self.device = self.embed_w.dtype, self.embed_w.device
+        self.dtype, self.device = self.embed_w.dtype, self.embed_w.device  # the embedding is never quantized
         dim = t.head_dim
         # inv_freq as transformers builds it: fp32, theta ** (arange(0, D, 2) / D)
         self.inv_freq = (1.0 / (t.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
                          ).to(self.device)
         self.scale = dim ** -0.5
         self.split = (t.num_attention_heads * dim, t.num_key_value_heads * dim, t.num_key_value_heads * dim)
+
+    def _linear(self, x, w, b=None):
+        """A dense linear, or a weight-only quantized one (qwen2vl_fast.quant.QuantizedWeight)."""
+        if isinstance(w, torch.Tensor):
+            return self.ops.linear(x, w, b)
+        return self.ops.quant_linear(x, w, b)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.ops.embedding(input_ids, self.embed_w)
@@ -105,17 +111,21 @@ class LanguageModel:
         residual = embeds
         h = ops.rms_norm(embeds, self.layers[0].input_norm, eps)
         for i, layer in enumerate(self.layers):
-            qkv = ops.linear(h, layer.qkv_w, layer.qkv_b)
+            qkv = self._linear(h, layer.qkv_w, layer.qkv_b)
             q, k, v = qkv.split(self.split, dim=-1)
             q = q.view(*lead, t.num_attention_heads, t.head_dim)
             k = k.view(*lead, t.num_key_value_heads, t.head_dim)
             v = v.view(*lead, t.num_key_value_heads, t.head_dim)
-            attn = ops.linear(attend(i, q, k, v).reshape(*lead, -1), layer.o_w)
+            attn = self._linear(attend(i, q, k, v).reshape(*lead, -1), layer.o_w)
             h, residual = ops.add_rms_norm(attn, residual, layer.post_norm, eps)
-            mlp = ops.linear(ops.linear_swiglu(h, layer.gate_up_w, None), layer.down_w)
+            if isinstance(layer.gate_up_w, torch.Tensor):
+                up = ops.linear_swiglu(h, layer.gate_up_w, None)
+            else:
+                up = ops.silu_and_mul(self._linear(h, layer.gate_up_w))
+            mlp = self._linear(up, layer.down_w)
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm_w
             h, residual = ops.add_rms_norm(mlp, residual, next_norm, eps)
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.ops.linear(hidden, self.lm_head_w)
+        return self._linear(hidden, self.lm_head_w)

@@ -96,7 +96,8 @@ class Qwen2VLFastModel:
         self.device, self.dtype = self.language_model.device, self.language_model.dtype
 
     def __repr__(self) -> str:
-        n = sum(w.numel() for k, w in self.weights.items() if k != "lm_head.weight" or not self.config.text.tie_word_embeddings)
+        n = sum(w.numel() if isinstance(w, torch.Tensor) else w.in_features * w.out_features
+                for k, w in self.weights.items() if k != "lm_head.weight" or not self.config.text.tie_word_embeddings)
         return (f"Qwen2VLFastModel({self.config.model_type}, {n / 1e9:.2f}B params, dtype={self.dtype}, "
                 f"device={self.device}, backend={self.ops.backend!r})")
 
