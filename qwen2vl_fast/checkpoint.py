@@ -23,6 +23,8 @@ from safetensors import SafetensorError, safe_open
 from . import layout
 from .config import ModelConfig
 from .errors import CheckpointError
+from .quant.config import QuantConfig
+from .quant.formats import fuse_quantized, load_quantized_linear
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -160,6 +162,29 @@ def _check(entries: dict, config: ModelConfig) -> None:
         raise CheckpointError("checkpoint does not match config.json:\n  " + "\n  ".join(problems))
 
 
+_QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _split_quantized(entries: dict, config: ModelConfig, qcfg: QuantConfig) -> tuple[set, set]:
+    """(prefixes of linears stored quantized, names of their tensors). Only the language model's linears
+    (and lm_head) may be quantized; a linear stored as a float `weight` stays floating (modules_to_not_convert,
+    or a dense layer the quantizer left alone)."""
+    known = layout.hub_tensor_shapes(config, include_lm_head=True)
+    prefixes = {n[: -len(".qweight")] for n in entries if n.endswith(".qweight")}
+    names = set()
+    for p in sorted(prefixes):
+        if not (p.startswith("model.layers.") or p == "lm_head") or p + ".weight" not in known:
+            raise CheckpointError(f"tensor {p}.qweight: only the language model's linear layers may be stored "
+                                  "quantized (the vision tower, norms and embeddings stay floating)")
+        if qcfg.skips(p):
+            raise CheckpointError(f"tensor {p}.qweight: {p} is listed in quantization_config."
+                                  "modules_to_not_convert but stored quantized")
+        if p + ".weight" in entries:
+            raise CheckpointError(f"{p} is stored both as a float weight and quantized ({p}.qweight)")
+        names.update(n for n in (f"{p}.{s}" for s in _QUANT_SUFFIXES) if n in entries)
+    return prefixes, names
+
+
 def _resolve_dtype(dtype):
     """None, a floating torch dtype, or its name ("bfloat16", "torch.float16")."""
     if isinstance(dtype, str):
@@ -172,7 +197,9 @@ def _resolve_dtype(dtype):
 def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progress=None) -> dict[str, torch.Tensor]:
     """Read a checkpoint directory into the fused runtime layout (`layout.fused_tensor_shapes(config)`).
 
-    `dtype=None` keeps the stored dtype, otherwise floating tensors are cast. Tied models get `lm_head.weight`
+    `dtype=None` keeps the stored dtype, otherwise floating tensors are cast. With a `quantization_config` in
+    config.json (GPTQ v1/v2, AWQ GEMM), the language model's linears stored quantized come back as
+    `quant.QuantizedWeight` (q/k/v and gate/up fused along N); everything else stays floating. Tied models get `lm_head.weight`
     as the very `model.embed_tokens.weight` tensor (a stored `lm_head.weight` is ignored). `progress`: True /
     False, or None for a bar on stderr only above 1 GiB. Raises `CheckpointError` on any mismatch.
     """
@@ -183,13 +210,19 @@ def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progres
     entries: dict[str, tuple] = {}  # canonical hub name -> (file, header entry, stored name)
     for stored, file in weight_map.items():
         name = layout.canonical_hub_name(stored)
-        if tied and name == "lm_head.weight":
+        if tied and name.startswith("lm_head."):
             continue  # the hub's tied checkpoints may store a copy; the runtime shares embed_tokens instead
         if name in entries:
             raise CheckpointError(f"tensor {name} is stored twice: as {entries[name][2]} in {entries[name][0]} "
                                   f"and as {stored} in {file} (mixed key schemes?)")
         entries[name] = (file, headers[file][stored], stored)
-    _check({n: e[:2] for n, e in entries.items()}, config)
+    qcfg = QuantConfig.from_config(config.raw) if config.raw else None
+    qprefixes, qnames = _split_quantized(entries, config, qcfg) if qcfg is not None else (set(), set())
+    checked = {n: e[:2] for n, e in entries.items() if n not in qnames}
+    known = layout.hub_tensor_shapes(config, include_lm_head=True)
+    for p in qprefixes:  # shapes of the packed tensors are checked by quant.formats when they are read
+        checked[p + ".weight"] = (entries[p + ".qweight"][0], {"shape": list(known[p + ".weight"]), "dtype": "F16"})
+    _check(checked, config)
 
     plan = layout.fusion_plan(config)
     hub_name = {fused: hub for hub, fused in layout.RENAMES.items()}
@@ -218,6 +251,18 @@ def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progres
                 out[fused] = out["model.embed_tokens.weight"]
                 continue
             parts = plan.get(fused, (hub_name.get(fused, fused),))
+            quantized = [p.endswith(".weight") and p[: -len(".weight")] in qprefixes for p in parts]
+            if any(quantized):
+                if not all(quantized):
+                    raise CheckpointError(f"{fused}: its parts {', '.join(parts)} must be all quantized or all "
+                                          "floating to be fused")
+                qws = []
+                for p in parts:
+                    prefix = p[: -len(".weight")]
+                    stored = {n: read(n) for n in (f"{prefix}.{s}" for s in _QUANT_SUFFIXES) if n in entries}
+                    qws.append(load_quantized_linear(stored, prefix, qcfg, dtype=dtype))
+                out[fused] = fuse_quantized(qws, fused)  # a QuantizedWeight (N along qweight's dim 1)
+                continue
             tensors = [read(p) for p in parts]
             if len(tensors) > 1:
                 t = torch.cat(tensors, dim=0)

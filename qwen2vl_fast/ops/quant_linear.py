@@ -15,3 +15,15 @@ def quant_linear(x: torch.Tensor, w, bias=None) -> torch.Tensor:
     from ..quant.weight import dequantize
 
     return F.linear(x, dequantize(w, x.dtype), bias)
+
+
+# Imported on first call, so importing qwen2vl_fast never imports Triton. Fused dequantisation inside the GEMM
+# (kernels/quant_gemm.py); act-order permutes x's columns before the launch.
+from .registry import implementation, triton_auto_on, triton_runs_on  # noqa: E402
+
+
+@implementation("quant_linear", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def quant_linear_triton(x: torch.Tensor, w, bias=None) -> torch.Tensor:
+    from qwen2vl_fast.kernels.quant_gemm import quant_linear as _k
+
+    return _k(x, w, bias)
