@@ -162,6 +162,17 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    from .quant.export import quantize_checkpoint
+
+    t0 = time.perf_counter()
+    out = quantize_checkpoint(args.model, args.out, bits=args.bits, group_size=args.group_size, fmt=args.format,
+                              method=args.method, sym=args.sym, act_order=args.act_order, device=args.device)
+    print(f"quantized {args.model} ({args.method}, {args.bits}-bit, group {args.group_size}) into {args.format} "
+          f"format at {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen2vl-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-shard-mb", type=float, default=2048)
     w.add_argument("--key-scheme", default="hub", choices=["hub", "transformers"])
     w.set_defaults(fn=_cmd_write_checkpoint)
+
+    q = sub.add_parser("quantize", help="quantize a checkpoint into the GPTQ or AWQ format")
+    q.add_argument("--model", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--format", default="gptq", choices=["gptq", "awq"])
+    q.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    q.add_argument("--sym", action="store_true")
+    q.add_argument("--act-order", action="store_true")
+    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    q.set_defaults(fn=_cmd_quantize)
 
     sub.add_parser("presets", help="list the presets").set_defaults(fn=_cmd_presets)
 
