@@ -83,6 +83,7 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|nump
     step bench-2b 200 "$PY" bench/bench_model_forward.py --preset qwen2-vl-2b --reps "$REPS"
     step bench-3b 220 "$PY" bench/bench_model_forward.py --preset qwen2.5-vl-3b --reps "$REPS"
     step processing 120 "$PY" bench/bench_processing.py --device cuda --reps 5
+    step quant 300 "$PY" bench/bench_quant.py --reps 30
     # Generation benchmarks: not in the default STEPS (each can take most of a call); name them, one per call:
     # GPU_CHECK_STEPS="install generate-2b", "install llm-kernels", "install generate-7b" (the 7B checkpoint
     # alone is ~16 GB of random weights to write first).

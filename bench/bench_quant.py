@@ -1,0 +1,94 @@
+"""Weight-only int4/int8 GEMMs against bf16 cuBLAS at the Qwen2-VL-7B and -72B layer shapes, M = 1..256.
+
+What is measured: y = x @ W^T for the decoder's linears (qkv, o, gate/up, down) with W quantized per group of
+128 (RTN on random weights: speed does not depend on the values), ours (`quant_linear`, every backend that runs
+here) vs `F.linear` on the bf16 weight. Reported: median ms, GB/s of weight bytes read (the decode regime is
+bound by them), % of the measured copy bandwidth, speedup over cuBLAS bf16. JSON under bench/results/.
+Decode tokens/s of whole quantized models: bench/bench_generate.py on a checkpoint written by
+`qwen2vl-fast quantize` (bf16, int8, int4 in one run is still to be scripted).
+
+    python bench/bench_quant.py [--shapes 7b 72b] [--ms 1 4 16 64 256] [--bits 4 8] [--reps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    _ROOT = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, _ROOT)
+    import bench  # noqa: F401
+    import qwen2vl_fast  # noqa: F401
+    sys.path.remove(_ROOT)
+
+from bench import harness, results, roofline
+from qwen2vl_fast.ops import resolve
+from qwen2vl_fast.quant.quantizer import quantize_rtn
+
+# (name, N, K) of one decoder layer: fused qkv, o_proj, fused gate/up, down
+SHAPES = {"7b": [("qkv", 4608, 3584), ("o", 3584, 3584), ("gate_up", 37888, 3584), ("down", 3584, 18944)],
+          "72b": [("qkv", 10240, 8192), ("o", 8192, 8192), ("gate_up", 59136, 8192), ("down", 8192, 29568)]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["7b", "72b"], choices=list(SHAPES))
+    p.add_argument("--ms", nargs="+", type=int, default=[1, 4, 16, 64, 256])
+    p.add_argument("--bits", nargs="+", type=int, default=[4, 8])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--out-dir", default="bench/results")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_quant needs a CUDA device")
+        return 1
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    ceilings = roofline.device_ceilings(dev, dtype)
+    tables = {}
+    for backend in ("triton", "cuda"):
+        try:
+            table = resolve(backend, dev)
+        except Exception:
+            continue
+        if table.chosen["quant_linear"] == backend:
+            tables[f"ours-{backend}"] = table.quant_linear
+    rows = []
+    for preset in args.shapes:
+        for name, n, k in SHAPES[preset]:
+            dense = (torch.randn(n, k, device=dev) * 0.02).to(dtype)
+            quantized = {bits: quantize_rtn(dense.float(), bits, args.group_size).to(dev) for bits in args.bits}
+            for bits, qw in quantized.items():
+                qw.scales, qw.zeros = qw.scales.to(dtype), qw.zeros.to(dtype)
+            for m in args.ms:
+                x = torch.randn(m, k, device=dev, dtype=dtype)
+                base = harness.time_fn(lambda: F.linear(x, dense), warmup=5, rep=args.reps, device=dev)
+                rows.append(dict(preset=preset, layer=name, m=m, impl="cublas-bf16", **base,
+                                 gbps=n * k * 2 / (base["median_ms"] * 1e-3) / 1e9))
+                for bits, qw in quantized.items():
+                    weight_bytes = n * k * bits / 8 + 2 * qw.scales.numel() * 2
+                    for impl, fn in tables.items():
+                        try:
+                            t = harness.time_fn(lambda f=fn, w=qw: f(x, w), warmup=5, rep=args.reps, device=dev)
+                        except Exception as e:
+                            rows.append(dict(preset=preset, layer=name, m=m, impl=f"{impl}-int{bits}", error=str(e)))
+                            continue
+                        gbps = weight_bytes / (t["median_ms"] * 1e-3) / 1e9
+                        rows.append(dict(preset=preset, layer=name, m=m, impl=f"{impl}-int{bits}", **t, gbps=gbps,
+                                         pct_bandwidth=100 * gbps / ceilings["gbps"],
+                                         speedup_vs_bf16=base["median_ms"] / t["median_ms"]))
+                for r in rows[-1 - len(tables) * len(quantized):]:
+                    ms = f"{r['median_ms']:8.3f}" if "median_ms" in r else "   error"
+                    print(f"{preset:4s} {name:8s} M={m:<4d} {r['impl']:22s} {ms} ms  "
+                          f"{r.get('gbps', 0):7.0f} GB/s  x{r.get('speedup_vs_bf16', 1):.2f}")
+    print("result:", results.write_result("quant_gemm", {"ceilings": ceilings, "group_size": args.group_size,
+                                                         "rows": rows}, out_dir=args.out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
