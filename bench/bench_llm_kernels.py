@@ -36,7 +36,8 @@ if __package__ in (None, ""):
     sys.path.remove(_ROOT)
 
 from bench import harness, results, roofline
-from bench.bench_vision_kernels import fast_impls, sdpa_backends
+from bench.bench_vision_kernels import sdpa_backends
+from bench.harness import fast_impls
 from qwen2vl_fast.ops import VarlenMeta, get_op
 
 D = 128

@@ -27,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.remove(_ROOT)
 
 from bench import harness, results, roofline
-from qwen2vl_fast.ops import resolve
+from bench.harness import fast_impls
 from qwen2vl_fast.quant.quantizer import quantize_rtn
 
 # (name, N, K) of one decoder layer: fused qkv, o_proj, fused gate/up, down
@@ -49,14 +49,7 @@ def main(argv=None) -> int:
         return 1
     dev, dtype = torch.device("cuda"), torch.bfloat16
     ceilings = roofline.device_ceilings(dev, dtype)
-    tables = {}
-    for backend in ("triton", "cuda"):
-        try:
-            table = resolve(backend, dev)
-        except Exception:
-            continue
-        if table.chosen["quant_linear"] == backend:
-            tables[f"ours-{backend}"] = table.quant_linear
+    tables = fast_impls("quant_linear", dev)
     rows = []
     for preset in args.shapes:
         for name, n, k in SHAPES[preset]:

@@ -27,8 +27,9 @@ if __package__ in (None, ""):
     sys.path.remove(_ROOT)
 
 from bench import harness, results, roofline
+from bench.harness import fast_impls
 from qwen2vl_fast.config import parse_config
-from qwen2vl_fast.ops import get_op, resolve
+from qwen2vl_fast.ops import get_op
 from qwen2vl_fast.positions import vision_metadata
 from qwen2vl_fast.presets import preset_config
 from qwen2vl_fast.processing.patchify import CLIP_MEAN, CLIP_STD
@@ -51,19 +52,6 @@ def sdpa_call(q, k, v, backend, scale):
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return run
-
-
-def fast_impls(op_name, device):
-    """{backend: callable} for the fast implementations of an op that run on `device`."""
-    out = {}
-    for backend in ("triton", "cuda"):
-        try:
-            table = resolve(backend, device)
-        except Exception:
-            continue
-        if table.chosen[op_name] == backend:
-            out[f"ours-{backend}"] = getattr(table, op_name)
-    return out
 
 
 def attention_cases(device, dtype):

@@ -174,3 +174,19 @@ def _do_bench(call: Callable[[int], Any], warmup: int, rep: int, per_call_ms: fl
     med, p20, p80 = do_bench(lambda: call(next(counter)), warmup=max(warmup, 1) * per_call_ms,
                              rep=rep * per_call_ms, quantiles=list(QUANTILES))
     return dict(median_ms=float(med), p20_ms=float(p20), p80_ms=float(p80), n=rep, min_ms=None, method="do_bench")
+
+
+def fast_impls(op_name, device):
+    """{"ours-<backend>": callable} for the fast implementations (Triton, CUDA C++) of an op that run on `device`:
+    what every kernel benchmark times against the PyTorch alternatives."""
+    out = {}
+    for backend in ("triton", "cuda"):
+        try:
+            from qwen2vl_fast.ops import resolve
+
+            table = resolve(backend, device)
+        except Exception:
+            continue
+        if table.chosen[op_name] == backend:
+            out[f"ours-{backend}"] = getattr(table, op_name)
+    return out

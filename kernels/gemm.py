@@ -209,6 +209,17 @@ def _stride_align(*strides: int) -> int:
     return math.gcd(16, *strides)
 
 
+def as_rows(x: torch.Tensor, K: int, perm: Optional[torch.Tensor] = None):
+    """(leading shape, x as (M, K) rows with a unit last stride): a view for contiguous or row-strided x.
+    perm permutes the columns first (act-order weights store their rows in that order)."""
+    x2 = x.reshape(-1, K)
+    if perm is not None:
+        x2 = x2.index_select(-1, perm)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x.shape[:-1], x2
+
+
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, epilogue: str = "none",
          config: Optional[GemmConfig] = None) -> torch.Tensor:
     """The launcher: epilogue(x @ weight.T + bias) in x's dtype, see the module docstring. `config` overrides
@@ -230,10 +241,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     if bias is not None and bias.shape != (n_rows,):
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not match weight rows {n_rows}")
 
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)  # a view for contiguous or row-strided 2-D x
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, x2 = as_rows(x, K)
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     if bias is not None:

@@ -53,14 +53,15 @@ Sources read to learn the technique (no code taken): Dao, "FlashAttention-2" (20
 from __future__ import annotations
 
 import os
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from qwen2vl_fast.errors import BackendError
+
+from .tile_plans import TileTables, memoized_plan
 
 _LOG2E = 1.4426950408889634
 _empty = torch.empty  # output / workspace allocation; the tests swap in a NaN-filled allocator
@@ -376,19 +377,7 @@ class CausalPlan:
     lengths: tuple
     total: int
     device: torch.device
-    _tiles: dict = field(default_factory=dict)
-    _pinned: dict = field(default_factory=dict)  # host sources of in-flight non-blocking copies, kept alive
-
-    def tiles(self, block_m: int) -> torch.Tensor:
-        t = self._tiles.get(block_m)
-        if t is None:
-            host = torch.tensor(plan_causal_tiles(self.lengths, block_m), dtype=torch.int32).reshape(-1, 3)
-            if self.device.type == "cuda":
-                host = host.pin_memory()
-                self._pinned[block_m] = host
-            t = host.to(self.device, non_blocking=True)
-            self._tiles[block_m] = t
-        return t
+    tiles: TileTables  # tiles(block_m)
 
 
 _PLANS: dict = {}
@@ -397,15 +386,8 @@ _PLANS: dict = {}
 def prepare(meta, device=None) -> CausalPlan:
     """The CausalPlan of `meta` (a qwen2vl_fast.ops.VarlenMeta), memoised on the meta object's identity for as
     long as it lives. Reads only the host lengths: no sync."""
-    device = torch.device(device) if device is not None else meta.cu_seqlens.device
-    key = (id(meta), device)
-    plan = _PLANS.get(key)
-    if plan is None:
-        lengths = tuple(int(n) for n in meta.lengths)
-        plan = CausalPlan(lengths=lengths, total=sum(lengths), device=device)
-        _PLANS[key] = plan
-        weakref.finalize(meta, _PLANS.pop, key, None)
-    return plan
+    return memoized_plan(_PLANS, meta, device, lambda lengths, device: CausalPlan(
+        lengths, sum(lengths), device, TileTables(lengths, device, plan_causal_tiles, 3)))
 
 
 def _prefill_launch(q, k, v, tiles, scale, cfg: Config) -> torch.Tensor:

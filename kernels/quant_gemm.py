@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import _num_sms, _stride_align, _tile_coords
+from .gemm import _num_sms, _stride_align, _tile_coords, as_rows
 
 _empty = torch.empty  # output / partial-sum allocation; the tests swap in a NaN-filled allocator
 
@@ -235,12 +235,7 @@ def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if any(t.device != x.device for t in (qweight, scales, zeros, *(t for t in (perm, bias) if t is not None))):
         raise ValueError("x and the quantized weight tensors must be on the same device")
 
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if perm is not None:
-        x2 = x2.index_select(-1, perm)  # act-order: the weight rows are stored in perm order
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, x2 = as_rows(x, K, perm)  # act-order: the weight rows are stored in perm order
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     if bias is not None:
         bias = bias.contiguous()

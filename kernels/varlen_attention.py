@@ -42,8 +42,7 @@ softmax, rescaling once at the end).
 from __future__ import annotations
 
 import os
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -51,6 +50,8 @@ import triton
 import triton.language as tl
 
 from qwen2vl_fast.errors import BackendError
+
+from .tile_plans import TileTables, memoized_plan
 
 _LOG2E = 1.4426950408889634
 
@@ -249,19 +250,7 @@ class VarlenPlan:
     total: int
     device: torch.device
     seg_ids: torch.Tensor
-    _tiles: dict = field(default_factory=dict)
-    _pinned: dict = field(default_factory=dict)  # host sources of in-flight non-blocking copies, kept alive
-
-    def tiles(self, block_m: int) -> torch.Tensor:
-        t = self._tiles.get(block_m)
-        if t is None:
-            host = torch.tensor(plan_tiles(self.lengths, block_m), dtype=torch.int32).reshape(-1, 4)
-            if self.device.type == "cuda":
-                host = host.pin_memory()
-                self._pinned[block_m] = host
-            t = host.to(self.device, non_blocking=True)
-            self._tiles[block_m] = t
-        return t
+    tiles: TileTables  # tiles(block_m)
 
 
 def plan_tiles(lengths, block_m: int) -> list[int]:
@@ -304,20 +293,14 @@ def prepare(meta, device=None) -> VarlenPlan:
     """The VarlenPlan of `meta` (a qwen2vl_fast.ops.VarlenMeta), memoised on the meta object's identity for as long
     as it lives: the 32 ViT blocks of a batch share one. No host sync: segment ids come from the device
     cu_seqlens with a host-known output size, the tile tables from the host lengths."""
-    device = torch.device(device) if device is not None else meta.cu_seqlens.device
-    key = (id(meta), device)
-    plan = _PLANS.get(key)
-    if plan is None:
-        lengths = tuple(int(n) for n in meta.lengths)
+    def make(lengths, device):
         total = sum(lengths)
         cu = meta.cu_seqlens.to(device=device, non_blocking=True)
         counts = (cu[1:] - cu[:-1]).long()
         seg = torch.repeat_interleave(torch.arange(counts.numel(), device=device, dtype=torch.int32), counts,
                                       output_size=total)
-        plan = VarlenPlan(lengths=lengths, total=total, device=device, seg_ids=seg)
-        _PLANS[key] = plan
-        weakref.finalize(meta, _PLANS.pop, key, None)
-    return plan
+        return VarlenPlan(lengths, total, device, seg, TileTables(lengths, device, plan_tiles, 4))
+    return memoized_plan(_PLANS, meta, device, make)
 
 
 def _launch(q, k, v, seg_ids, tiles, scale, cfg: Config, out=None) -> torch.Tensor:

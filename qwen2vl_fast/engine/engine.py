@@ -116,7 +116,7 @@ class Engine:
         seen = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=dev)
         seen.scatter_(1, inputs["input_ids"].to(dev), True)  # the prompt counts, padding too (as transformers)
         knobs = _knobs(params, b, dev)
-        stop = torch.tensor(self.stop_token_ids if not params.ignore_eos else [-1], device=dev)
+        stop = set() if params.ignore_eos else set(self.stop_token_ids)
         out_tokens = [[] for _ in range(b)]
         finished = [False] * b
         reasons = ["length"] * b
@@ -129,16 +129,14 @@ class Engine:
                 noise = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=gen)
                 nxt = self.model.ops.sample(logits, *knobs, seen, noise)
             seen.scatter_(1, nxt.view(-1, 1), True)
-            is_stop = torch.isin(nxt, stop)
             host = nxt.tolist()  # the one sync per step: tokens must reach the caller (streaming, stop)
-            stops = is_stop.tolist()
             if ttft is None:
                 ttft = time.perf_counter() - t0
             for i, tok in enumerate(host):
                 if finished[i]:
                     continue
                 out_tokens[i].append(tok)
-                if stops[i]:
+                if tok in stop:
                     finished[i], reasons[i] = True, "stop"
                 elif len(out_tokens[i]) >= params.max_new_tokens:
                     finished[i] = True

@@ -24,6 +24,7 @@ class DecodeGraphs:
         self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
         self.slots = torch.arange(n, device=dev)
+        self._spare = torch.arange(n, device=dev)  # padding rows use slots b..bs-1, unused by a batch of b
         self.lengths = torch.ones(n, dtype=torch.long, device=dev)
         self.graphs, self.outputs, self.pool = {}, {}, None
 
@@ -63,7 +64,7 @@ class DecodeGraphs:
         if bs > b:  # padding rows: spare slots (not used by this batch), one key, token 0
             self.tokens[b:bs].zero_()
             self.positions[b:bs].zero_()
-            self.slots[b:bs].copy_(torch.arange(b, bs, device=self.slots.device))
+            self.slots[b:bs].copy_(self._spare[b:bs])
             self.lengths[b:bs].fill_(1)
         self.graphs[bs].replay()
         return self.outputs[bs][:b].clone()

@@ -69,6 +69,16 @@ def _shape_err(what: str, t: torch.Tensor, expected: tuple, why: str) -> Checkpo
     return CheckpointError(f"{what}: shape {tuple(t.shape)}, expected {expected} ({why})")
 
 
+def _check_kinds(name: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> None:
+    """Packed tensors are 2-D int32, scales 2-D floating (shared by every format)."""
+    for t, tname in ((qweight, "qweight"), (qzeros, "qzeros")):
+        if t.dtype != torch.int32 or t.dim() != 2:
+            raise CheckpointError(f"{name}.{tname}: expected a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    if scales.dim() != 2 or not scales.is_floating_point():
+        raise CheckpointError(f"{name}.scales: expected a 2-D floating tensor, got {scales.dtype} "
+                              f"{tuple(scales.shape)}")
+
+
 def _groups(k: int, group_size: int, what: str) -> int:
     g = k if group_size == -1 else group_size
     if g <= 0 or k % g:
@@ -88,12 +98,7 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     if version not in (1, 2):
         raise CheckpointError(f"{name}: GPTQ checkpoint_format version {version} is not supported (1 or 2)")
     pack = 32 // bits
-    for t, tname in ((qweight, "qweight"), (qzeros, "qzeros")):
-        if t.dtype != torch.int32 or t.dim() != 2:
-            raise CheckpointError(f"{name}.{tname}: expected a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
-    if scales.dim() != 2 or not scales.is_floating_point():
-        raise CheckpointError(f"{name}.scales: expected a 2-D floating tensor, got {scales.dtype} "
-                              f"{tuple(scales.shape)}")
+    _check_kinds(name, qweight, qzeros, scales)
     k, n = qweight.shape[0] * pack, qweight.shape[1]
     groups = _groups(k, group_size, name)
     if tuple(scales.shape) != (groups, n):
@@ -162,12 +167,7 @@ def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, 
     """One AWQ GEMM linear -> QuantizedWeight."""
     if bits != 4:
         raise CheckpointError(f"{name}: AWQ bits={bits} is not supported (only 4)")
-    for t, tname in ((qweight, "qweight"), (qzeros, "qzeros")):
-        if t.dtype != torch.int32 or t.dim() != 2:
-            raise CheckpointError(f"{name}.{tname}: expected a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
-    if scales.dim() != 2 or not scales.is_floating_point():
-        raise CheckpointError(f"{name}.scales: expected a 2-D floating tensor, got {scales.dtype} "
-                              f"{tuple(scales.shape)}")
+    _check_kinds(name, qweight, qzeros, scales)
     k, n = qweight.shape[0], qweight.shape[1] * 8
     if k % 8:
         raise CheckpointError(f"{name}.qweight: K={k} must be a multiple of 8 to repack along K")
