@@ -80,7 +80,7 @@ def load(path: str | os.PathLike, device="cpu", dtype=None, backend: str = "auto
     cfg = load_config(path)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, cfg)
-    ops = resolve(backend, device)
+    ops = resolve(backend, device, cfg)
     vision_dtype = torch.bfloat16 if (dtype == torch.float16 and cfg.model_type == QWEN2_5_VL) else dtype
     weights = load_checkpoint(path, cfg, device=device, dtype=dtype, progress=progress)
     if vision_dtype != dtype:

@@ -485,12 +485,15 @@ def test_patch_embed_frames_cuda_matches_reference(dtype):
 def test_vision_rotary_via_resolve(dtype):
     _extension()
     table = resolve("cuda", "cuda")
-    for h, d in ((16, 80), (4, 16)):  # head_dim 16 (tiny presets) falls back to the reference
-        qkv, cos, sin = (t.cuda() for t in _rotary_case(65, h, d, dtype))
-        ref = [t.clone() for t in vision_rotary(qkv, cos, sin, h)]
-        out = table.vision_rotary(qkv, cos, sin, h)
-        for a, b in zip(out, ref):
-            assert torch.equal(a, b)
+    qkv, cos, sin = (t.cuda() for t in _rotary_case(65, 16, 80, dtype))
+    ref = [t.clone() for t in vision_rotary(qkv, cos, sin, 16)]
+    out = table.vision_rotary(qkv, cos, sin, 16)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+    # head_dim 16 (the tiny presets) is refused, never silently run on the reference
+    qkv, cos, sin = (t.cuda() for t in _rotary_case(65, 4, 16, dtype))
+    with pytest.raises(BackendError, match="head_dim"):
+        table.vision_rotary(qkv, cos, sin, 4)
 
 
 @pytest.mark.gpu

@@ -396,3 +396,21 @@ def test_fused_references_equal_their_compositions(device):
         n = get_op("rms_norm").reference(mx, lw, 1e-6) if lb is None else F.layer_norm(mx, (16,), lw, lb, 1e-6)
         ref = F.linear(F.gelu(F.linear(n.reshape(12, 64), f1w, f1b)), f2w, f2b)
         assert torch.equal(get_op("merger").reference(mx, lw, lb, f1w, f1b, f2w, f2b, 1e-6), ref)
+
+
+def test_resolve_passes_over_implementations_that_do_not_support_the_model(no_backend_env, monkeypatch):
+    """An implementation declaring `supports` is chosen only for models it handles; others get the next backend
+    (so no kernel ever has to fall back at run time)."""
+    from qwen2vl_fast.config import parse_config
+    from qwen2vl_fast.ops import registry
+    from qwen2vl_fast.presets import preset_config
+
+    op = get_op("quick_gelu")
+    monkeypatch.setitem(op.impls, "triton", (lambda x: x, lambda dev: True))
+    monkeypatch.setitem(op.auto_on, "triton", lambda dev: True)
+    monkeypatch.setitem(op.supports, "triton", lambda cfg: cfg.vision.head_dim == 80)
+    real, tiny = parse_config(preset_config("qwen2-vl-7b")), parse_config(preset_config("tiny-qwen2-vl"))
+    assert registry.resolve("triton", "cpu", real).chosen["quick_gelu"] == "triton"
+    assert registry.resolve("triton", "cpu", tiny).chosen["quick_gelu"] == "torch"
+    assert registry.resolve("auto", "cpu").chosen["quick_gelu"] == "triton"  # no config: not filtered
+    assert op.implementations("cpu", tiny) == ["torch"]

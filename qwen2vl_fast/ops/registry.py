@@ -39,20 +39,25 @@ class Op:
     doc: str
     impls: dict = field(default_factory=dict)  # backend -> (fn, runs_on(device) -> bool)
     auto_on: dict = field(default_factory=dict)  # backend -> predicate for `auto` (default: runs_on)
+    supports: dict = field(default_factory=dict)  # backend -> predicate on the ModelConfig (default: all)
 
     @property
     def reference(self) -> Callable:
         return self.impls["torch"][0]
 
-    def implementations(self, device=None) -> list[str]:
-        """Backends implemented for this op; with `device`, only those that run there."""
-        if device is None:
-            return [b for b in BACKENDS if b in self.impls]
-        dev = torch.device(device)
-        return [b for b in BACKENDS if b in self.impls and self.impls[b][1](dev)]
+    def implementations(self, device=None, config=None) -> list[str]:
+        """Backends implemented for this op; with `device`, only those that run there; with `config` (a
+        ModelConfig), only those that support that model's shapes."""
+        names = [b for b in BACKENDS if b in self.impls]
+        if device is not None:
+            dev = torch.device(device)
+            names = [b for b in names if self.impls[b][1](dev)]
+        if config is not None:
+            names = [b for b in names if self.supports.get(b, lambda c: True)(config)]
+        return names
 
-    def pick(self, backend: str, device) -> str:
-        runnable = self.implementations(device)
+    def pick(self, backend: str, device, config=None) -> str:
+        runnable = self.implementations(device, config)
         if backend == "auto":  # e.g. Triton under the CPU interpreter runs, but is never the fast choice
             dev = torch.device(device)
             runnable = [b for b in runnable if self.auto_on.get(b, self.impls[b][1])(dev)]
@@ -74,9 +79,11 @@ def reference(name: str):
     return wrap
 
 
-def implementation(name: str, backend: str, runs_on: Callable[[torch.device], bool], auto_on=None):
+def implementation(name: str, backend: str, runs_on: Callable[[torch.device], bool], auto_on=None, supports=None):
     """Decorator: register a fast implementation of an existing op for `backend`. `runs_on(device)` says
-    whether it can run there; `auto_on(device)` (default: runs_on) whether `auto` may pick it there."""
+    whether it can run there; `auto_on(device)` (default: runs_on) whether `auto` may pick it there;
+    `supports(model_config)` (default: always) whether it handles that model's shapes, so a model is never
+    given a kernel that would have to fall back at run time."""
     if backend not in ("triton", "cuda"):
         raise ValueError(f"fast implementations are 'triton' or 'cuda', not {backend!r}")
 
@@ -84,6 +91,8 @@ def implementation(name: str, backend: str, runs_on: Callable[[torch.device], bo
         _OPS[name].impls[backend] = (fn, runs_on)
         if auto_on is not None:
             _OPS[name].auto_on[backend] = auto_on
+        if supports is not None:
+            _OPS[name].supports[backend] = supports
         return fn
 
     return wrap
@@ -164,10 +173,12 @@ class OpTable:
         return f"OpTable(backend={self.backend!r}, device={self.device}, {picked})"
 
 
-def resolve(backend: str | None = "auto", device="cpu") -> OpTable:
+def resolve(backend: str | None = "auto", device="cpu", config=None) -> OpTable:
+    """One callable per op for `backend` on `device`; with `config` (the model's ModelConfig), implementations
+    that do not support its shapes are passed over for the next in the chain (visible in `chosen`)."""
     backend = normalize_backend(backend)
     dev = torch.device(device)
-    chosen = {name: op.pick(backend, dev) for name, op in _OPS.items()}
+    chosen = {name: op.pick(backend, dev, config) for name, op in _OPS.items()}
     if backend in ("triton", "cuda") and backend not in chosen.values():
         have = sorted({b for op in _OPS.values() for b in op.implementations()})
         raise BackendError(
