@@ -13,8 +13,10 @@
 # and copied next to the log (QWEN2VL_FAST_BENCH_OUT). At most 8 files come back from $OUT: keep it that way.
 # Knobs (environment): GPU_CHECK_STEPS (default: all of env install gpu-tests tests bench-2b bench-3b),
 # GPU_CHECK_BUDGET_S (default 560 s for everything), PYTHON (default python3), BENCH_REPS (default 10),
-# BENCH_GEN_REPS (default 3, for bench_generate). Opt-in steps, named in GPU_CHECK_STEPS only: generate-2b,
-# llm-kernels, generate-7b (decode/prefill vs transformers; the LLM kernels vs SDPA / torch.compile).
+# BENCH_GEN_REPS (default 3, for bench_generate and bench_quant_decode). Opt-in steps, named in GPU_CHECK_STEPS
+# only: generate-2b, llm-kernels, generate-7b (decode/prefill vs transformers; the LLM kernels vs SDPA /
+# torch.compile), quant-decode (7B decode tok/s with bf16 / int8 / int4 weights, built in memory: no
+# checkpoint), quant-decode-72b (the 72B preset in int4 on one GPU, ~42 GiB).
 # The copied tree has no .git there: pass the commit as QWEN2VL_FAST_GIT_COMMIT (and _DIRTY=1 if so).
 # Packages the GPU image lacks (PyAV for the video tests and benchmark) travel as wheels in .whl/ (git-ignored;
 # name it in the run's `carry`), prepared here with:
@@ -92,6 +94,11 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|nump
     step llm-kernels 360 "$PY" bench/bench_llm_kernels.py --reps 30
     step generate-7b 480 "$PY" bench/bench_generate.py --presets qwen2-vl-7b --batches 1 16 --new-tokens 128 \
         --reps "$GEN_REPS"
+    # Quantized decode: random weights built on the GPU (the 72B never exists in bf16, on disk or in memory).
+    step quant-decode 480 "$PY" bench/bench_quant_decode.py --presets qwen2-vl-7b --batches 1 16 --new-tokens 128 \
+        --reps "$GEN_REPS"
+    step quant-decode-72b 480 "$PY" bench/bench_quant_decode.py --presets qwen2-vl-72b --weights int4 \
+        --batches 1 16 --new-tokens 128 --reps "$GEN_REPS"
 
     echo
     echo "=== summary (${SECONDS}s of ${BUDGET_S}s budget; log: $LOG)"

@@ -50,6 +50,22 @@ int qwen2vl_patch_gather(const uint8_t* frames, void* out, int64_t T, int C, int
                          const float* std, int patch, int temporal_patch, int merge, int dtype_code,
                          cudaStream_t stream);
 
+// Weight-only int4/int8 GEMM for decode (M <= 16 rows): y = x @ dequant(W)^T (+ bias), csrc/quant_decode_gemm.cu.
+//   x: (M, K) fp16/bf16 (`dtype_code`), rows `x_stride` elements apart, 16-byte (int4) / 8-byte (int8) aligned;
+//   qweight: int32 (K * bits / 32, N), scales / zeros: (K / group, N) in x's dtype, zeros integer-valued (the
+//   runtime layout of qwen2vl_fast/quant/weight.py; group_size -1 = one group), bias: (N,) or null;
+//   y: (M, N) contiguous. All but x contiguous and 16-byte aligned.
+//   Shapes: 1 <= M <= 16 (0 is a no-op), N % 8 == 0, K and the group size multiples of 32 (int4) / 16 (int8).
+//   Workspace (split-K): `scratch` of at least *scratch_floats fp32 and `counters` of at least *counters int32
+//   holding zeros, as qwen2vl_quant_decode_workspace reports for the current device (both 0 when not split).
+//   The kernel leaves the counters at zero again, so one zeroed buffer serves every launch on one stream.
+int qwen2vl_quant_decode_workspace(int64_t M, int64_t N, int64_t K, int bits, int64_t group_size, int dtype_code,
+                                   int64_t* scratch_floats, int64_t* counters);
+int qwen2vl_quant_gemm_decode(const void* x, int64_t x_stride, const int32_t* qweight, const void* scales,
+                              const void* zeros, const void* bias, void* y, float* scratch, int64_t scratch_floats,
+                              int32_t* counters, int64_t counters_len, int64_t M, int64_t N, int64_t K, int bits,
+                              int64_t group_size, int dtype_code, cudaStream_t stream);
+
 }  // namespace qwen2vl_fast
 
 #if defined(__CUDACC__)

@@ -3,37 +3,18 @@
 // Every Torch-side check lives here (device, dtype, layout, shapes), so the kernel files stay Torch-free; a
 // launcher's Status becomes a TORCH_CHECK message. Kernels run on the current stream of the tensors' device
 // (CUDA-graph capture included). Meta kernels give torch.compile / FakeTensor the output shapes.
-//
-// No CUDA header is included: the device guard and the current stream come from c10's device-generic interfaces
-// (libtorch_cuda registers their CUDA implementations), so this file also compiles against a CPU-only torch,
-// which is how CI checks it.
+// No CUDA header is included (binding_utils.h), so this file also compiles against a CPU-only torch.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <array>
 #include <climits>
 
-#include "kernels.h"
+#include "binding_utils.h"
 
 namespace qwen2vl_fast {
 namespace {
-
-int dtype_code(c10::ScalarType t, const char* what) {
-  switch (t) {
-    case at::kFloat: return kFloat32;
-    case at::kHalf: return kFloat16;
-    case at::kBFloat16: return kBFloat16;
-    default: TORCH_CHECK(false, what, " must be float32, float16 or bfloat16, got ", t);
-  }
-  return -1;
-}
-
-cudaStream_t current_stream(const c10::Device& device) {
-  const c10::Stream stream = c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
-  return static_cast<cudaStream_t>(stream.native_handle());
-}
 
 // ---- rotary_2d_ -------------------------------------------------------------------------------------------
 

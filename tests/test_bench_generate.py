@@ -6,18 +6,12 @@ there and positive, not their values (a tiny model on a CPU says nothing about s
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:  # `pytest tests` leaves the repo root off sys.path (see test_bench_harness.py)
-    sys.path.insert(0, _ROOT)
-    from bench import bench_generate
-    sys.path.remove(_ROOT)
-else:
-    from bench import bench_generate
+from helpers_bench import bench_module
+
+bench_generate = bench_module("bench_generate")
 
 
 @pytest.fixture()

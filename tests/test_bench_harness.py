@@ -3,23 +3,20 @@
 import json
 import math
 import re
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:  # `pytest tests` (not `python -m pytest`) leaves the repo root off sys.path
-    sys.path.insert(0, _ROOT)
-    from bench import bench_model_forward, flops, harness, results, roofline
-    sys.path.remove(_ROOT)  # the root also holds `kernels/`, a name transformers probes for
-else:
-    from bench import bench_model_forward, flops, harness, results, roofline
+from helpers_bench import bench_module
+from qwen2vl_fast.config import parse_config
+from qwen2vl_fast.presets import preset_config
 
-from qwen2vl_fast.config import parse_config  # noqa: E402
-from qwen2vl_fast.presets import preset_config  # noqa: E402
+bench_model_forward = bench_module("bench_model_forward")
+flops = bench_module("flops")
+harness = bench_module("harness")
+results = bench_module("results")
+roofline = bench_module("roofline")
 
 KEYS = {"median_ms", "p20_ms", "p80_ms", "n"}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_cuda import build_host_replay
 
 from qwen2vl_fast.errors import BackendError
 from qwen2vl_fast.ops import get_op, resolve
@@ -171,18 +172,8 @@ extern "C" int launch_patch_gather(const uint8_t* frames, void* out, int64_t T, 
 
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory):
-    """The replay library, built with nvcc (PTX only for the device side: ptxas is not needed to replay)."""
-    if NVCC is None:
-        pytest.skip("nvcc not on PATH")
-    build = tmp_path_factory.mktemp("cuda_replay")
-    src, lib = build / "replay.cu", build / "libreplay.so"
-    src.write_text(_REPLAY_SOURCE)
-    # -ffp-contract=off: the host compiler must not fuse a*b+c either (the kernels' device side never does).
-    cmd = [NVCC, "-std=c++17", "-O2", "-gencode", "arch=compute_90,code=compute_90", "-shared",
-           "-Xcompiler", "-fPIC,-ffp-contract=off", f"-I{CSRC}", str(src), "-o", str(lib)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, f"replay build failed:\n{result.stderr}"
-    so = ctypes.CDLL(str(lib))
+    """The replay library (tests/helpers_cuda.py)."""
+    so = build_host_replay(_REPLAY_SOURCE, tmp_path_factory.mktemp("cuda_replay"))
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     so.replay_rotary_2d.argtypes = [ptr, ptr, ptr, i64, i32, i32, i64, i32, i32, ctypes.POINTER(i32)]
     so.replay_patch_gather.argtypes = [ptr, ptr, i64, i32, i64, i64, ptr, ptr, i32, i32, i32, i32, i64, i32, i32, i32,
@@ -328,13 +319,22 @@ int qwen2vl_patch_gather(const uint8_t*, void*, int64_t, int, int64_t, int64_t, 
                          int, int, cudaStream_t) {
   return kLaunchFailed;
 }
+int qwen2vl_quant_decode_workspace(int64_t, int64_t, int64_t, int, int64_t, int, int64_t*, int64_t*) {
+  return kLaunchFailed;
+}
+int qwen2vl_quant_gemm_decode(const void*, int64_t, const int32_t*, const void*, const void*, const void*, void*,
+                              float*, int64_t, int32_t*, int64_t, int64_t, int64_t, int64_t, int, int64_t, int,
+                              cudaStream_t) {
+  return kLaunchFailed;
+}
 }  // namespace qwen2vl_fast
 """
 
 
 @pytest.fixture(scope="module")
 def binding(tmp_path_factory):
-    """csrc/vision_ops.cpp built with g++ against this (CPU-only) torch and loaded into torch.ops.qwen2vl_fast.
+    """The bindings (csrc/*.cpp but the module file bindings.cpp) built with g++ against this (CPU-only) torch and
+    loaded into torch.ops.qwen2vl_fast.
     Not where torch has CUDA: the real extension registers the same ops there, and is tested instead."""
     gxx = shutil.which("g++")
     if gxx is None or torch.version.cuda is not None:
@@ -343,13 +343,14 @@ def binding(tmp_path_factory):
 
     build = tmp_path_factory.mktemp("binding")
     (build / "stubs.cpp").write_text(_LAUNCHER_STUBS)
-    lib = build / "libvision_ops_cpu.so"
+    lib = build / "libbindings_cpu.so"
+    sources = [str(p) for p in sorted(CSRC.glob("*.cpp")) if p.name != "bindings.cpp"]
     torch_lib = Path(torch.__file__).parent / "lib"
     cmd = [gxx, "-std=c++17", "-O0", "-w", "-shared", "-fPIC", *[f"-I{p}" for p in include_paths()], f"-I{CSRC}",
-           str(CSRC / "vision_ops.cpp"), str(build / "stubs.cpp"), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch",
+           *sources, str(build / "stubs.cpp"), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch",
            "-o", str(lib)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"vision_ops.cpp does not build against torch {torch.__version__}:\n{result.stderr}"
+    assert result.returncode == 0, f"the bindings do not build against torch {torch.__version__}:\n{result.stderr}"
     torch.ops.load_library(str(lib))
     return torch.ops.qwen2vl_fast
 
@@ -392,6 +393,50 @@ def test_binding_argument_checks(binding):
         binding.rotary_2d_(qkv, table, table.half(), 16)
     with pytest.raises(NotImplementedError):  # CUDA and Meta kernels only
         binding.patch_gather(torch.zeros(2, 3, 28, 28, dtype=torch.uint8), mean, std, 14, 2, 2, torch.float32)
+
+
+def test_binding_quant_gemm_decode(binding):
+    """csrc/quant_ops.cpp: the schema, Meta shapes and every argument check (the kernel: test_cuda_quant_decode)."""
+    assert str(binding.quant_gemm_decode.default._schema) == (
+        "qwen2vl_fast::quant_gemm_decode(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, "
+        "int bits, int group_size, Tensor(a!) counters) -> Tensor")
+    meta = torch.device("meta")
+    bf16 = dict(dtype=torch.bfloat16, device=meta)
+
+    def args(m=3, n=72, k=256, bits=4, group=128, dtype=torch.bfloat16, bias=True):
+        g = k // group if group != -1 else 1
+        return [torch.empty(m, k, dtype=dtype, device=meta), torch.empty(k * bits // 32, n, dtype=torch.int32, device=meta),
+                torch.empty(g, n, **bf16), torch.empty(g, n, **bf16), torch.empty(n, **bf16) if bias else None, bits, group,
+                torch.zeros(16, dtype=torch.int32, device=meta)]
+
+    for m, bits, group in ((1, 4, 128), (16, 8, -1), (0, 4, 32)):
+        y = binding.quant_gemm_decode(*args(m=m, bits=bits, group=group))
+        assert y.shape == (m, 72) and y.dtype == torch.bfloat16 and y.device == meta
+    bad = [
+        (dict(m=17), "at most 16 rows"),
+        (dict(n=60), "multiple of 8"),
+        (dict(k=240, group=-1), "multiple of 32 for 4-bit"),
+        (dict(group=16), "group_size 16 must be -1 or divide"),
+        (dict(bits=3, k=256), "bits must be 4 or 8"),
+    ]
+    for kw, message in bad:
+        a = args(**kw) if kw.get("bits") != 3 else [*args()[:5], 3, 128, args()[7]]
+        with pytest.raises(RuntimeError, match=message):
+            binding.quant_gemm_decode(*a)
+    a = args()
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        binding.quant_gemm_decode(a[0].float(), *a[1:])
+    with pytest.raises(RuntimeError, match="scales must be BFloat16 like x"):
+        binding.quant_gemm_decode(a[0], a[1], a[2].half(), *a[3:])
+    with pytest.raises(RuntimeError, match=r"zeros must be \(K / group, N\) = \(2, 72\)"):
+        binding.quant_gemm_decode(a[0], a[1], a[2], a[3][:1], *a[4:])
+    with pytest.raises(RuntimeError, match="rows hold 256 inputs of 4 bits, x has K = 128"):
+        binding.quant_gemm_decode(a[0][:, :128], *a[1:])
+    with pytest.raises(RuntimeError, match="bias must be a contiguous"):
+        binding.quant_gemm_decode(*a[:4], a[4][:8], *a[5:])
+    with pytest.raises(NotImplementedError):  # CUDA and Meta kernels only
+        binding.quant_gemm_decode(*[torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t
+                                    for t in a])
 
 
 # ---- GPU: the built extension against the references --------------------------------------------------------

@@ -6,6 +6,8 @@ only when an op first runs on a CUDA device (`cuda_ext_runs_on`), so CPU install
 - vision_rotary -> `rotary_2d_` (csrc/rotary_2d.cu): rotates q and k IN PLACE inside qkv, returns views of it.
 - patch_embed_frames -> `patch_gather` (csrc/patch_gather.cu) writes the normalised patch rows straight in the
   weight dtype, then one cuBLAS GEMM (F.linear); the (N, 1176) float32 rows are never materialised.
+- quant_linear -> `quant_gemm_decode` (csrc/quant_decode_gemm.cu) in the decode regime (<= DECODE_MAX_ROWS
+  rows), the Triton weight-only GEMM (kernels/quant_gemm.py) above it: dispatch by M.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BackendError
+from ..quant.config import QuantConfig
 from .registry import cuda_ext_runs_on, implementation
 
 _ROTARY_HEAD_DIMS = (64, 80, 128)  # the instances compiled in csrc/rotary_2d.cu
@@ -59,3 +62,82 @@ def patch_embed_frames(frames: torch.Tensor, weight: torch.Tensor, mean, std, pa
     rows = _ops().patch_gather(frames, [float(m) for m in mean], [float(s) for s in std], patch_size,
                                temporal_patch_size, merge_size, weight.dtype)
     return F.linear(rows, weight)
+
+
+# ---- weight-only quantized linear -------------------------------------------------------------------------------
+
+# Rows up to which the CUDA decode kernel runs (its limit: two n8 token tiles); above, the Triton kernel's
+# tensor-core tiles. bench/bench_quant.py times both at M = 1..64 on the GPU: the crossover it reports decides
+# this constant (not yet measured: see bench/results/).
+DECODE_MAX_ROWS = 16
+_DECODE_DTYPES = (torch.float16, torch.bfloat16)
+_COUNTERS: dict = {}  # device -> zeroed int32, one entry per 64-column tile (the kernel leaves them zeroed)
+_COUNTERS_MIN = 8192  # covers N up to 524,288 (lm_head 152,064): allocated once, before any graph capture
+
+
+def _k_step(bits: int) -> int:
+    """k consumed by one kernel iteration: 4 packed word rows (32 for int4, 16 for int8)."""
+    return 4 * (32 // bits)
+
+
+def decode_kernel_handles(w, dtype: torch.dtype) -> bool:
+    """Whether csrc/quant_decode_gemm.cu takes this QuantizedWeight with activations of `dtype` (no GPU sync)."""
+    step = _k_step(w.bits)
+    k, n = w.in_features, w.out_features
+    group = k if w.group_size == -1 else w.group_size
+    return (dtype in _DECODE_DTYPES and w.scales.dtype == dtype and w.zeros.dtype == dtype and n % 8 == 0
+            and k % step == 0 and group % step == 0)
+
+
+def decode_kernel_supports(cfg) -> bool:
+    """The model-level check `resolve` uses: every linear a quantized checkpoint may store (fused qkv, o, fused
+    gate/up, down, lm_head) has a shape and group size the decode kernel takes. Unquantized models: True (the op
+    never runs)."""
+    qc = QuantConfig.from_config(cfg.raw)
+    if qc is None:
+        return True
+    t = cfg.text
+    step = _k_step(qc.bits)
+    shapes = [(t.qkv_out_features, t.hidden_size), (t.hidden_size, t.num_attention_heads * t.head_dim),
+              (2 * t.intermediate_size, t.hidden_size), (t.hidden_size, t.intermediate_size),
+              (t.vocab_size, t.hidden_size)]
+    g = qc.group_size
+    return all(n % 8 == 0 and k % step == 0 and (g == -1 or (k % g == 0 and g % step == 0)) for n, k in shapes)
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, _COUNTERS_MIN), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def decode_gemm(x2: torch.Tensor, w, bias=None) -> torch.Tensor:
+    """(M <= 16, K) activation rows in the weight's input order -> (M, N), csrc/quant_decode_gemm.cu. The split-K
+    counters are shared by every launch on the device: launches must not run concurrently on two streams."""
+    if x2.data_ptr() % 16 or (x2.shape[0] > 1 and (x2.stride(0) * x2.element_size()) % 16):
+        x2 = x2.clone()  # 16-byte activation loads (e.g. a view at an odd offset)
+    counters = _counters(x2.device, -(-w.out_features // 64))
+    return _ops().quant_gemm_decode(x2, w.qweight, w.scales, w.zeros, bias, w.bits, w.group_size, counters)
+
+
+@implementation("quant_linear", "cuda", runs_on=cuda_ext_runs_on, supports=decode_kernel_supports)
+def quant_linear_cuda(x: torch.Tensor, w, bias=None) -> torch.Tensor:
+    """y = x @ dequantize(w).T + b: the CUDA decode kernel for <= DECODE_MAX_ROWS rows of fp16/bf16 (the decode
+    steps), the Triton kernel for more rows (prefill) and for fp32 activations (parity runs), both with fused
+    dequantisation. Act-order weights: x's columns are permuted first, as the Triton launcher does."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if rows > DECODE_MAX_ROWS or rows == 0 or not decode_kernel_handles(w, x.dtype):
+        from qwen2vl_fast.kernels.quant_gemm import quant_linear as triton_quant_linear
+
+        return triton_quant_linear(x, w, bias)
+    x2 = x.reshape(rows, k)
+    if w.perm is not None:
+        x2 = x2.index_select(1, w.perm)
+    elif x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        bias = bias.to(x.dtype).contiguous()
+    return decode_gemm(x2, w, bias).reshape(*x.shape[:-1], w.out_features)
