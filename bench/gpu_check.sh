@@ -16,7 +16,8 @@
 # BENCH_GEN_REPS (default 3, for bench_generate and bench_quant_decode). Opt-in steps, named in GPU_CHECK_STEPS
 # only: generate-2b, llm-kernels, generate-7b (decode/prefill vs transformers; the LLM kernels vs SDPA /
 # torch.compile), quant-decode (7B decode tok/s with bf16 / int8 / int4 weights, built in memory: no
-# checkpoint), quant-decode-72b (the 72B preset in int4 on one GPU, ~42 GiB).
+# checkpoint), quant-decode-72b (the 72B preset in int4 on one GPU, ~42 GiB), sanitize (compute-sanitizer
+# memcheck and racecheck on the CUDA C++ kernels' small GPU tests: out-of-bounds accesses, shared-memory races).
 # The copied tree has no .git there: pass the commit as QWEN2VL_FAST_GIT_COMMIT (and _DIRTY=1 if so).
 # Packages the GPU image lacks (PyAV for the video tests and benchmark) travel as wheels in .whl/ (git-ignored;
 # name it in the run's `carry`), prepared here with:
@@ -94,6 +95,9 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|nump
     step llm-kernels 360 "$PY" bench/bench_llm_kernels.py --reps 30
     step generate-7b 480 "$PY" bench/bench_generate.py --presets qwen2-vl-7b --batches 1 16 --new-tokens 128 \
         --reps "$GEN_REPS"
+    step sanitize 300 bash -c "compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -m gpu \
+tests/test_cuda_quant_decode.py -k 'gpu_decode and (72-96 or 200-384)' && compute-sanitizer --tool racecheck \
+--error-exitcode 9 $PY -m pytest -q -m gpu tests/test_cuda_quant_decode.py -k 'gpu_decode and 200-384 and bf16'"
     # Quantized decode: random weights built on the GPU (the 72B never exists in bf16, on disk or in memory).
     step quant-decode 480 "$PY" bench/bench_quant_decode.py --presets qwen2-vl-7b --batches 1 16 --new-tokens 128 \
         --reps "$GEN_REPS"
