@@ -54,7 +54,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileN = 64;        // output columns of a block (and of each of its warps)
 constexpr int kUnroll = 4;        // iterations whose loads a warp has in flight together
-constexpr int kBlocksPerSm = 4;   // split-K aims at this many blocks per SM
 constexpr int kMaxSplits = 64;
 constexpr int kMaxRows = 16;      // M <= 16: two n8 token tiles at most
 
@@ -67,16 +66,19 @@ struct Plan {
 };
 
 QF_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+QF_HD int m_tiles_for(int64_t M) { return M <= 8 ? 1 : 2; }
 
-// Shared by the launcher, the scratch query and the host replay, so all three agree. Splits: enough blocks
-// to fill the GPU (kBlocksPerSm per SM), but at least 2 iterations per warp, and partial-sum traffic (written
-// and read back: 8 * splits * M * N bytes, L2-resident) at most half the weight bytes (K * N * BITS / 8).
-QF_HD Plan make_plan(int64_t M, int64_t N, int64_t K, int bits, int sms) {
+// Shared by the launcher, the scratch query and the host replay, so all three agree. `slots`: the blocks the GPU
+// holds at once (SMs x resident blocks per SM for this instance). Splits: as many as fit in one wave of slots
+// (a second, partly filled wave would cost a whole block's time for a few blocks), but at least 2 iterations
+// per warp, and partial-sum traffic (written and read back: 8 * splits * M * N bytes, L2-resident) at most half
+// the weight bytes (K * N * BITS / 8).
+QF_HD Plan make_plan(int64_t M, int64_t N, int64_t K, int bits, int64_t slots) {
   Plan p;
-  p.m_tiles = M <= 8 ? 1 : 2;
+  p.m_tiles = m_tiles_for(M);
   p.col_tiles = cdiv(N, kTileN);
   p.iters = K / (4 * (32 / bits));
-  int64_t s = cdiv(static_cast<int64_t>(sms > 0 ? sms : 1) * kBlocksPerSm, p.col_tiles);
+  int64_t s = (slots > 0 ? slots : 1) / p.col_tiles;
   const int64_t by_work = p.iters / (2 * kWarps);
   const int64_t by_traffic = K * bits / (128 * (M > 0 ? M : 1));
   if (s > by_work) s = by_work;
@@ -506,10 +508,10 @@ inline int validate(const void* x, int64_t x_stride, const int32_t* qweight, con
   return kOk;
 }
 
-// The kernel arguments for a device with `sms` SMs, and the workspace check.
+// The kernel arguments for a GPU holding `slots` blocks at once, and the workspace check.
 inline int make_args(const void* x, int64_t x_stride, const int32_t* qweight, const void* scales, const void* zeros,
                      const void* bias, void* y, float* scratch, int64_t scratch_floats, int32_t* counters,
-                     int64_t counters_len, int64_t M, int64_t N, int64_t K, int bits, int64_t group_size, int sms,
+                     int64_t counters_len, int64_t M, int64_t N, int64_t K, int bits, int64_t group_size, int64_t slots,
                      Args* a) {
   a->x = x;
   a->qweight = qweight;
@@ -524,7 +526,7 @@ inline int make_args(const void* x, int64_t x_stride, const int32_t* qweight, co
   a->K = K;
   a->x_stride = x_stride;
   a->group = group_size == -1 ? K : group_size;
-  a->plan = make_plan(M, N, K, bits, sms);
+  a->plan = make_plan(M, N, K, bits, slots);
   if (a->plan.splits == 1) return kOk;
   if (scratch == nullptr || counters == nullptr || scratch_floats < static_cast<int64_t>(a->plan.splits) * M * N ||
       counters_len < a->plan.col_tiles)
@@ -532,11 +534,31 @@ inline int make_args(const void* x, int64_t x_stride, const int32_t* qweight, co
   return detail::aligned16(scratch) ? kOk : kBadAlignment;
 }
 
-inline int device_sms() {
+struct Occupancy {  // resident blocks per SM of one kernel instance (registers bound it: ~3 at 128 threads)
+  template <typename T, int BITS, int MT>
+  int run() const {
+    int blocks = 0;
+    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, quant_decode_kernel<T, BITS, MT>,
+                                                                        kThreads, 0);
+    return e == cudaSuccess ? blocks : -1;
+  }
+};
+
+// SMs x resident blocks per SM on the current device for the instance (dtype, bits, m_tiles); -1 on a CUDA
+// error. Cached per device and instance: the occupancy query is not free and the answer never changes.
+inline int64_t device_slots(int dtype_code, int bits, int m_tiles) {
+  constexpr int kMaxDevices = 64;
+  static int64_t cache[kMaxDevices][2][2][2] = {};  // 0: not known yet
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return -1;
+  const int d = dtype_code == kBFloat16, b = bits == 8, m = m_tiles == 2;
+  if (device < kMaxDevices && cache[device][d][b][m] > 0) return cache[device][d][b][m];
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return -1;
-  return sms;
+  const int per_sm = dispatch(dtype_code, bits, m_tiles, Occupancy{});
+  if (per_sm <= 0) return -1;
+  const int64_t slots = static_cast<int64_t>(sms) * per_sm;
+  if (device < kMaxDevices) cache[device][d][b][m] = slots;
+  return slots;
 }
 
 struct Launch {
@@ -557,9 +579,9 @@ int qwen2vl_quant_decode_workspace(int64_t M, int64_t N, int64_t K, int bits, in
   using namespace qdecode;
   const int status = check_shape(M, N, K, bits, group_size, dtype_code);
   if (status != kOk) return status;
-  const int sms = device_sms();
-  if (sms <= 0) return kLaunchFailed;
-  const Plan p = make_plan(M, N, K, bits, sms);
+  const int64_t slots = device_slots(dtype_code, bits, m_tiles_for(M));
+  if (slots <= 0) return kLaunchFailed;
+  const Plan p = make_plan(M, N, K, bits, slots);
   *scratch_floats = p.splits > 1 ? static_cast<int64_t>(p.splits) * M * N : 0;
   *counters = p.splits > 1 ? p.col_tiles : 0;
   return kOk;
@@ -572,11 +594,11 @@ int qwen2vl_quant_gemm_decode(const void* x, int64_t x_stride, const int32_t* qw
   using namespace qdecode;
   int status = validate(x, x_stride, qweight, scales, zeros, bias, y, M, N, K, bits, group_size, dtype_code);
   if (status != kOk || M == 0) return status;
-  const int sms = device_sms();
-  if (sms <= 0) return kLaunchFailed;
+  const int64_t slots = device_slots(dtype_code, bits, m_tiles_for(M));
+  if (slots <= 0) return kLaunchFailed;
   Args a;
   status = make_args(x, x_stride, qweight, scales, zeros, bias, y, scratch, scratch_floats, counters, counters_len,
-                     M, N, K, bits, group_size, sms, &a);
+                     M, N, K, bits, group_size, slots, &a);
   if (status != kOk) return status;
   return dispatch(dtype_code, bits, a.plan.m_tiles, Launch{a, stream});
 }

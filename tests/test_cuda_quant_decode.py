@@ -137,13 +137,13 @@ struct Replay {
 extern "C" int replay_quant_decode(const void* x, int64_t x_stride, const int32_t* qweight, const void* scales,
                                    const void* zeros, const void* bias, void* y, float* scratch,
                                    int64_t scratch_floats, int32_t* counters, int64_t counters_len, int64_t M,
-                                   int64_t N, int64_t K, int bits, int64_t group_size, int dtype_code, int sms,
-                                   int order_mode, int seed, int64_t* plan_out) {
+                                   int64_t N, int64_t K, int bits, int64_t group_size, int dtype_code,
+                                   int64_t slots, int order_mode, int seed, int64_t* plan_out) {
   int status = validate(x, x_stride, qweight, scales, zeros, bias, y, M, N, K, bits, group_size, dtype_code);
   if (status != kOk || M == 0) return status;
   Args a;
   status = make_args(x, x_stride, qweight, scales, zeros, bias, y, scratch, scratch_floats, counters, counters_len,
-                     M, N, K, bits, group_size, sms, &a);
+                     M, N, K, bits, group_size, slots, &a);
   plan_out[0] = a.plan.m_tiles;
   plan_out[1] = a.plan.splits;
   plan_out[2] = a.plan.col_tiles;
@@ -157,8 +157,8 @@ extern "C" int replay_quant_decode(const void* x, int64_t x_stride, const int32_
   return dispatch(dtype_code, bits, a.plan.m_tiles, Replay{a, order});
 }
 
-extern "C" int plan_quant_decode(int64_t M, int64_t N, int64_t K, int bits, int sms, int64_t* plan_out) {
-  const Plan p = make_plan(M, N, K, bits, sms);
+extern "C" int plan_quant_decode(int64_t M, int64_t N, int64_t K, int bits, int64_t slots, int64_t* plan_out) {
+  const Plan p = make_plan(M, N, K, bits, slots);
   plan_out[0] = p.m_tiles;
   plan_out[1] = p.splits;
   plan_out[2] = p.col_tiles;
@@ -187,8 +187,8 @@ def lib(tmp_path_factory):
     so = build_host_replay(_REPLAY_SOURCE, tmp_path_factory.mktemp("quant_decode_replay"))
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     so.replay_quant_decode.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i32,
-                                       i64, i32, i32, i32, i32, ctypes.POINTER(i64)]
-    so.plan_quant_decode.argtypes = [i64, i64, i64, i32, i32, ctypes.POINTER(i64)]
+                                       i64, i32, i64, i32, i32, ctypes.POINTER(i64)]
+    so.plan_quant_decode.argtypes = [i64, i64, i64, i32, i64, ctypes.POINTER(i64)]
     so.launch_quant_decode.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, i64, i32]
     so.workspace_quant_decode.argtypes = [i64, i64, i64, i32, i64, i32]
     return so
@@ -198,9 +198,12 @@ def _ptr(t):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def _plan(lib, m, n, k, bits, sms):
+H100_SLOTS = 132 * 3  # SMs x resident blocks per SM (the kernel's ~160 registers at 128 threads allow 3)
+
+
+def _plan(lib, m, n, k, bits, slots):
     out = (ctypes.c_int64 * 5)()
-    lib.plan_quant_decode(m, n, k, bits, sms, out)
+    lib.plan_quant_decode(m, n, k, bits, slots, out)
     return dict(zip(("m_tiles", "splits", "col_tiles", "iters", "iters_per_split"), list(out)))
 
 
@@ -210,11 +213,11 @@ def _weight(n, k, bits, group, dtype, seed, sym=False):
     return QuantizedWeight(w.qweight, w.scales.to(dtype), w.zeros.to(dtype), bits, group)
 
 
-def run_replay(lib, x, w, bias=None, sms=132, order=0, seed=0, x_stride=None, scratch_pad=0):
+def run_replay(lib, x, w, bias=None, slots=H100_SLOTS, order=0, seed=0, x_stride=None, scratch_pad=0):
     """y (M, N) from the replayed kernel; also returns the plan and the counters after the run."""
     m, k = x.shape
     n = w.out_features
-    plan = _plan(lib, m, n, k, w.bits, sms)
+    plan = _plan(lib, m, n, k, w.bits, slots)
     y = torch.full((m, n), float("nan"), dtype=x.dtype)  # poisoned: every element must be written
     scratch = torch.full((plan["splits"] * m * n + scratch_pad,), float("nan"))
     counters = torch.zeros(plan["col_tiles"] + 3, dtype=torch.int32)
@@ -222,7 +225,7 @@ def run_replay(lib, x, w, bias=None, sms=132, order=0, seed=0, x_stride=None, sc
     status = lib.replay_quant_decode(_ptr(x), x.stride(0) if x_stride is None else x_stride, _ptr(w.qweight),
                                      _ptr(w.scales), _ptr(w.zeros), _ptr(bias), _ptr(y), _ptr(scratch),
                                      scratch.numel(), _ptr(counters), counters.numel(), m, n, k, w.bits,
-                                     w.group_size, DTYPE_CODE[x.dtype], sms, order, seed, out)
+                                     w.group_size, DTYPE_CODE[x.dtype], slots, order, seed, out)
     assert status == OK, f"replay returned status {status}"
     return y, plan, counters
 
@@ -262,8 +265,8 @@ def test_replay_matches_reference(lib, m, n, k, bits, group, dtype):
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype) if m % 2 else None
-    for sms in (1, 132):  # one split, and split-K (tiny shapes split only when there are SMs to fill)
-        y, plan, counters = run_replay(lib, x, w, bias, sms=sms)
+    for slots in (1, H100_SLOTS):  # one split, and split-K (tiny shapes split only when there are SMs to fill)
+        y, plan, counters = run_replay(lib, x, w, bias, slots=slots)
         assert_matches(y, reference(x, w, bias))
         assert counters.eq(0).all()
         assert plan["m_tiles"] == (1 if m <= 8 else 2)
@@ -294,20 +297,20 @@ def test_replay_dequantisation_is_bit_exact(lib, bits, dtype):
         ks = torch.arange(first, first + 16)
         x = torch.zeros(16, k, dtype=dtype)
         x[torch.arange(16), ks] = 1
-        for sms in (1, 132):
-            y = run_replay(lib, x, w, bias, sms=sms)[0]
+        for slots in (1, H100_SLOTS):
+            y = run_replay(lib, x, w, bias, slots=slots)[0]
             expected = (dense[:, ks].t().float() + bias.float()).to(dtype)
-            assert torch.equal(y, expected), f"k {first}..{first + 15}, sms {sms}"
+            assert torch.equal(y, expected), f"k {first}..{first + 15}, slots {slots}"
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_replay_real_decode_shape(lib, bits):
-    """Qwen2-VL-7B's o_proj (3584 x 3584, group 128) at batch 1 with the H100's 132 SMs: split-K in use."""
+    """Qwen2-VL-7B's o_proj (3584 x 3584, group 128) at batch 1 with an H100's block slots: split-K in use."""
     n = k = 3584
     dtype = torch.bfloat16
     w = _weight(n, k, bits, 128, dtype, 5)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(6)).to(dtype)
-    y, plan, counters = run_replay(lib, x, w, sms=132)
+    y, plan, counters = run_replay(lib, x, w)
     assert plan["splits"] > 1 and plan["col_tiles"] == 56
     assert_matches(y, reference(x, w))
     assert counters.eq(0).all()
@@ -317,7 +320,7 @@ def test_replay_batch16_real_width(lib):
     """M = 16 (two token tiles) at the 7B qkv width 4608, int4 group 128, K reduced to keep the replay quick."""
     w = _weight(4608, 512, 4, 128, torch.float16, 7)
     x = torch.randn(16, 512, generator=torch.Generator().manual_seed(8)).to(torch.float16)
-    y, plan, _ = run_replay(lib, x, w, sms=132)
+    y, plan, _ = run_replay(lib, x, w)
     assert plan["m_tiles"] == 2
     assert_matches(y, reference(x, w))
 
@@ -325,7 +328,7 @@ def test_replay_batch16_real_width(lib):
 def test_replay_is_deterministic_whichever_block_finishes_last(lib):
     w = _weight(200, 1024, 4, 128, torch.bfloat16, 9)
     x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
-    runs = [run_replay(lib, x, w, sms=132, order=o, seed=s) for o, s in ((0, 0), (1, 0), (2, 1), (2, 2))]
+    runs = [run_replay(lib, x, w, order=o, seed=s) for o, s in ((0, 0), (1, 0), (2, 1), (2, 2))]
     assert runs[0][1]["splits"] > 1
     for y, _, counters in runs:
         assert torch.equal(y, runs[0][0])
@@ -346,17 +349,18 @@ def test_replay_strided_activation_rows(lib):
 
 @pytest.mark.parametrize("m", [1, 4, 16])
 @pytest.mark.parametrize("n,k", [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (8192, 29568)])
-def test_plan_fills_the_gpu_within_its_limits(lib, m, n, k):
+def test_plan_fills_one_wave_within_its_limits(lib, m, n, k):
     for bits in (4, 8):
-        p = _plan(lib, m, n, k, bits, 132)
+        p = _plan(lib, m, n, k, bits, H100_SLOTS)
         assert p["col_tiles"] == -(-n // 64) and p["iters"] == k // (4 * 32 // bits)
         assert 1 <= p["splits"] <= 64
         assert (p["splits"] - 1) * p["iters_per_split"] < p["iters"] <= p["splits"] * p["iters_per_split"]
         if p["splits"] > 1:
+            assert p["splits"] * p["col_tiles"] <= H100_SLOTS  # one wave: no partly filled second one
             assert p["iters_per_split"] >= 8  # >= 2 iterations per warp
             assert 8 * p["splits"] * m * n <= k * n * bits / 8 / 2  # partial sums <= half the weight bytes
-        if p["col_tiles"] >= 4 * 132:
-            assert p["splits"] == 1  # enough column tiles already
+        if p["col_tiles"] * 2 > H100_SLOTS:
+            assert p["splits"] == 1  # a second split would not fit in the wave
 
 
 # ---- argument checks of the real launcher (no GPU needed: it returns before any CUDA call) ------------------
@@ -395,7 +399,7 @@ def test_replay_rejects_a_short_workspace(lib):
     dtype = torch.bfloat16
     w = _weight(72, 1024, 4, 128, dtype, 16)
     x = torch.randn(1, 1024).to(dtype)
-    plan = _plan(lib, 1, 72, 1024, 4, 132)
+    plan = _plan(lib, 1, 72, 1024, 4, H100_SLOTS)
     assert plan["splits"] > 1
     y = torch.empty(1, 72, dtype=dtype)
     scratch = torch.empty(plan["splits"] * 72 - 1)
@@ -403,7 +407,7 @@ def test_replay_rejects_a_short_workspace(lib):
     out = (ctypes.c_int64 * 5)()
     status = lib.replay_quant_decode(_ptr(x), 1024, _ptr(w.qweight), _ptr(w.scales), _ptr(w.zeros), None, _ptr(y),
                                      _ptr(scratch), scratch.numel(), _ptr(counters), counters.numel(), 1, 72, 1024,
-                                     4, 128, 2, 132, 0, 0, out)
+                                     4, 128, 2, H100_SLOTS, 0, 0, out)
     assert status == BAD_SHAPE
 
 
