@@ -34,7 +34,8 @@
 // Numerics. Dequantisation is bit-identical to quant.dequantize (fp32 (q - z) * s rounded once): q - z is an
 // exact small integer (the magic-number halves 1024 + q / 128 + q minus 1024 + z / 128 + z), and a half/bf16
 // product of it with the scale is the correctly rounded exact product, as the fp32 product rounded to the dtype
-// is. bf16 int8 cannot use the bf16 magic (128 + q is not exact above 255) and dequantises in fp32 instead.
+// is. bf16 int8 cannot use the bf16 magic (128 + q is exact only below 256, i.e. q < 128) and dequantises in
+// fp32 instead.
 //
 // Host replay: everything a lane does except the mma and the synchronisation is __host__ __device__ (the tests
 // run it lane by lane on the CPU with an emulated warp mma, see tests/test_cuda_quant_decode.py).

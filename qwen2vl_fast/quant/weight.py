@@ -4,7 +4,9 @@
                                         offset (k % (32 / bits)) * bits, lowest bits first (GPTQ's own order)
     scales   (G, N) in the model dtype  G = K / group_size groups along K (group_size -1: one group)
     zeros    (G, N) in the model dtype  the true zero point, so w[k, n] = (q[k, n] - zeros[g, n]) * scales[g, n]
-                                        with g = k // group_size (GPTQ v1's stored zero - 1 is fixed at load)
+                                        with g = k // group_size (GPTQ v1's stored zero - 1 is fixed at load);
+                                        integer-valued, as every format stores it (the CUDA decode kernel's
+                                        exact dequantisation relies on it)
     perm     int64 (K,) or None         act-order (desc_act): rows are sorted by group at load, so groups are
                                         contiguous; the activation's columns are permuted the same way at run
                                         time (x[:, perm]), never g_idx lookups inside a kernel
