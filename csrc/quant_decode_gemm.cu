@@ -364,45 +364,48 @@ QF_HD void store_row(const Args& a, int64_t tok, int64_t col, const float (&vals
                       pair_bits<T>(v[6], v[7])));
 }
 
-// One split: its lane's tokens straight to y (one split) or to the split's fp32 partial plane.
-template <typename T, int MT>
-QF_HD void write_lane(const Args& a, int64_t tile, int split, int lane, const Acc<MT>& acc) {
+// Calls f(tok, col) for each token row the lane holds results of (tokens m * 8 + 2t + e, e = 0, 1, below M) at
+// its 8 columns col .. col+7 (in range), with token_values' (m, e).
+template <int MT, class F>
+QF_HD void for_each_lane_row(const Args& a, int64_t tile, int lane, F&& f) {
   const int64_t col = tile * kTileN + 8 * lane_group(lane);
   if (col >= a.N) return;
   for (int m = 0; m < MT; ++m)
     for (int e = 0; e < 2; ++e) {
       const int64_t tok = m * 8 + 2 * lane_thread(lane) + e;
-      if (tok >= a.M) continue;
-      float vals[8];
-      token_values(acc, m, e, vals);
-      if (a.plan.splits == 1) {
-        store_row<T>(a, tok, col, vals);
-      } else {
-        float* p = a.scratch + (split * a.M + tok) * a.N + col;
-        store_l2(p, make_float4(vals[0], vals[1], vals[2], vals[3]));
-        store_l2(p + 4, make_float4(vals[4], vals[5], vals[6], vals[7]));
-      }
+      if (tok < a.M) f(m, e, tok, col);
     }
+}
+
+// One split: its lane's tokens straight to y (one split) or to the split's fp32 partial plane.
+template <typename T, int MT>
+QF_HD void write_lane(const Args& a, int64_t tile, int split, int lane, const Acc<MT>& acc) {
+  for_each_lane_row<MT>(a, tile, lane, [&](int m, int e, int64_t tok, int64_t col) {
+    float vals[8];
+    token_values(acc, m, e, vals);
+    if (a.plan.splits == 1) {
+      store_row<T>(a, tok, col, vals);
+      return;
+    }
+    float* p = a.scratch + (split * a.M + tok) * a.N + col;
+    store_l2(p, make_float4(vals[0], vals[1], vals[2], vals[3]));
+    store_l2(p + 4, make_float4(vals[4], vals[5], vals[6], vals[7]));
+  });
 }
 
 // The last block of a column tile: the partial planes summed in split order (deterministic), + bias, rounded.
 template <typename T, int MT>
 QF_HD void reduce_lane(const Args& a, int64_t tile, int lane) {
-  const int64_t col = tile * kTileN + 8 * lane_group(lane);
-  if (col >= a.N) return;
-  for (int m = 0; m < MT; ++m)
-    for (int e = 0; e < 2; ++e) {
-      const int64_t tok = m * 8 + 2 * lane_thread(lane) + e;
-      if (tok >= a.M) continue;
-      float vals[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int s = 0; s < a.plan.splits; ++s) {
-        const float* p = a.scratch + (s * a.M + tok) * a.N + col;
-        const float4 u = load<Cache::kL2, float4>(p), v = load<Cache::kL2, float4>(p + 4);
-        const float in[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
-        for (int i = 0; i < 8; ++i) vals[i] = detail::add_rn(vals[i], in[i]);
-      }
-      store_row<T>(a, tok, col, vals);
+  for_each_lane_row<MT>(a, tile, lane, [&](int, int, int64_t tok, int64_t col) {
+    float vals[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int s = 0; s < a.plan.splits; ++s) {
+      const float* p = a.scratch + (s * a.M + tok) * a.N + col;
+      const float4 u = load<Cache::kL2, float4>(p), v = load<Cache::kL2, float4>(p + 4);
+      const float in[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
+      for (int i = 0; i < 8; ++i) vals[i] = detail::add_rn(vals[i], in[i]);
     }
+    store_row<T>(a, tok, col, vals);
+  });
 }
 
 // ---- the kernel -------------------------------------------------------------------------------------------

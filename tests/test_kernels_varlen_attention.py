@@ -12,6 +12,7 @@ other output bit-identical. On the CPU this runs under the Triton interpreter, s
 import pytest
 import torch
 from conftest import TEST_DEVICE, float_dtypes
+from helpers_attention import varlen_f64
 
 from qwen2vl_fast.config import parse_config
 from qwen2vl_fast.errors import BackendError
@@ -33,20 +34,11 @@ def qkv_views(s, h, d, dtype, device, scale=1.5):
     return qkv.view(s, 3, h, d).unbind(1)
 
 
-def f64_loop(q, k, v, lengths, scale):
-    out, start = [], 0
-    for n in lengths:
-        qs, ks, vs = (t[start:start + n].double().transpose(0, 1) for t in (q, k, v))  # (H, n, D)
-        out.append((torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1) @ vs).transpose(0, 1))
-        start += n
-    return torch.cat(out)
-
-
 def check(ours, q, k, v, meta, scale):
     """fp32: close to the reference (and to float64); 16-bit: DESIGN.md's 2x-torch-error rule vs float64."""
     assert ours.shape == q.shape and ours.dtype == q.dtype and ours.is_contiguous()
     assert torch.isfinite(ours).all(), "rows left unwritten or NaN"
-    ref64 = f64_loop(q, k, v, meta.lengths, scale)
+    ref64 = varlen_f64(q, k, v, meta.lengths, scale)
     torch_lp = reference(q, k, v, meta, scale)
     if q.dtype == torch.float32:
         torch.testing.assert_close(ours, torch_lp, **FP32_TOL)

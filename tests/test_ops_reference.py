@@ -14,6 +14,7 @@ import torch
 import transformers
 from transformers.activations import QuickGELUActivation
 from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
+from helpers_attention import varlen_f64
 
 from qwen2vl_fast import ops
 from qwen2vl_fast.errors import BackendError, Qwen2VLFastError
@@ -189,14 +190,6 @@ def test_mrope_cos_sin_rejects_bad_section():
 
 
 # --------------------------------------------------------------------------------------------- attention
-def varlen_f64(q, k, v, lengths, scale):
-    out, start = [], 0
-    for n in lengths:
-        qs, ks, vs = (t[start:start + n].double().transpose(0, 1) for t in (q, k, v))  # (H, n, D)
-        out.append((torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1) @ vs).transpose(0, 1))
-        start += n
-    return torch.cat(out)
-
 
 @pytest.mark.parametrize("lengths, heads, head_dim", [
     ([64] * 5 + [17, 3, 64, 1], 16, 80),   # Qwen2.5-VL windows incl. a partial and a one-token window

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BackendError
+from ..layout import fused_tensor_shapes
 from ..quant.config import QuantConfig
 from .registry import cuda_ext_runs_on, implementation
 
@@ -75,18 +76,18 @@ _COUNTERS: dict = {}  # device -> zeroed int32, one entry per 64-column tile (th
 _COUNTERS_MIN = 8192  # covers N up to 524,288 (lm_head 152,064): allocated once, before any graph capture
 
 
-def _k_step(bits: int) -> int:
-    """k consumed by one kernel iteration: 4 packed word rows (32 for int4, 16 for int8)."""
-    return 4 * (32 // bits)
+def _decode_shape_ok(n: int, k: int, group_size: int, bits: int) -> bool:
+    """The kernel's shape rule (csrc/kernels.h): N % 8, and K and the group multiples of one iteration's k
+    (4 packed word rows: 32 for int4, 16 for int8); group_size -1 is one group of K."""
+    step = 4 * (32 // bits)
+    group = k if group_size == -1 else group_size
+    return n % 8 == 0 and k % step == 0 and group > 0 and k % group == 0 and group % step == 0
 
 
 def decode_kernel_handles(w, dtype: torch.dtype) -> bool:
     """Whether csrc/quant_decode_gemm.cu takes this QuantizedWeight with activations of `dtype` (no GPU sync)."""
-    step = _k_step(w.bits)
-    k, n = w.in_features, w.out_features
-    group = k if w.group_size == -1 else w.group_size
-    return (dtype in _DECODE_DTYPES and w.scales.dtype == dtype and w.zeros.dtype == dtype and n % 8 == 0
-            and k % step == 0 and group % step == 0)
+    return (dtype in _DECODE_DTYPES and w.scales.dtype == dtype and w.zeros.dtype == dtype
+            and _decode_shape_ok(w.out_features, w.in_features, w.group_size, w.bits))
 
 
 def decode_kernel_supports(cfg) -> bool:
@@ -96,13 +97,9 @@ def decode_kernel_supports(cfg) -> bool:
     qc = QuantConfig.from_config(cfg.raw)
     if qc is None:
         return True
-    t = cfg.text
-    step = _k_step(qc.bits)
-    shapes = [(t.qkv_out_features, t.hidden_size), (t.hidden_size, t.num_attention_heads * t.head_dim),
-              (2 * t.intermediate_size, t.hidden_size), (t.hidden_size, t.intermediate_size),
-              (t.vocab_size, t.hidden_size)]
-    g = qc.group_size
-    return all(n % 8 == 0 and k % step == 0 and (g == -1 or (k % g == 0 and g % step == 0)) for n, k in shapes)
+    shapes = [shape for name, shape in fused_tensor_shapes(cfg).items()
+              if name == "lm_head.weight" or (name.startswith("model.layers.0.") and name.endswith("proj.weight"))]
+    return all(_decode_shape_ok(n, k, qc.group_size, qc.bits) for n, k in shapes)
 
 
 def _counters(device: torch.device, tiles: int) -> torch.Tensor:
@@ -133,11 +130,9 @@ def quant_linear_cuda(x: torch.Tensor, w, bias=None) -> torch.Tensor:
         from qwen2vl_fast.kernels.quant_gemm import quant_linear as triton_quant_linear
 
         return triton_quant_linear(x, w, bias)
-    x2 = x.reshape(rows, k)
-    if w.perm is not None:
-        x2 = x2.index_select(1, w.perm)
-    elif x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    from qwen2vl_fast.kernels.gemm import as_rows  # the row view both Triton GEMMs use (act-order included)
+
+    lead, x2 = as_rows(x, k, w.perm)
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
-    return decode_gemm(x2, w, bias).reshape(*x.shape[:-1], w.out_features)
+    return decode_gemm(x2, w, bias).reshape(*lead, w.out_features)
