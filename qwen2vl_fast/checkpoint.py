@@ -202,6 +202,7 @@ def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progres
     `quant.QuantizedWeight` (q/k/v and gate/up fused along N); everything else stays floating. Tied models get `lm_head.weight`
     as the very `model.embed_tokens.weight` tensor (a stored `lm_head.weight` is ignored). `progress`: True /
     False, or None for a bar on stderr only above 1 GiB. Raises `CheckpointError` on any mismatch.
+    MLP widths stay the checkpoint's here; `model.load` then zero-pads unaligned ones (align.pad_mlp_widths).
     """
     path = os.path.abspath(os.fspath(path))
     dtype = _resolve_dtype(dtype)

@@ -22,6 +22,7 @@ class DecoderLayer:
     qkv_b: torch.Tensor
     o_w: torch.Tensor
     post_norm: torch.Tensor
+    # The MLP's width is the weights' own, never the config's: load() may have zero-padded it (align.py).
     gate_up_w: torch.Tensor
     down_w: torch.Tensor
 

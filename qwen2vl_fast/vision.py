@@ -29,6 +29,7 @@ class VisionBlock:
     proj_b: torch.Tensor
     norm2_w: torch.Tensor
     norm2_b: Optional[torch.Tensor]
+    # The MLP's width is the weights' own, never the config's: load() may have zero-padded it (align.py).
     up_w: torch.Tensor  # fc1 (Qwen2-VL) or fused gate/up (Qwen2.5-VL)
     up_b: torch.Tensor
     down_w: torch.Tensor  # fc2 or down_proj

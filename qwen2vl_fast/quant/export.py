@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..align import mlp_weights
 from ..checkpoint import checkpoint_files
 from ..config import load_config
 from ..errors import CheckpointError
@@ -53,7 +54,8 @@ def default_calibration_chats(n: int = 4) -> list:
 
 
 def calibration_hessians(model_dir, chats=None, device="cpu") -> dict:
-    """{runtime linear name: Hessian} from running the dense model on calibration chats."""
+    """{runtime linear name: Hessian over the checkpoint's input width} from running the dense model on
+    calibration chats."""
     import qwen2vl_fast
     from ..processing.processor import Processor
 
@@ -80,7 +82,14 @@ def calibration_hessians(model_dir, chats=None, device="cpu") -> dict:
             model(**processor([chat], device=device))
     finally:
         lm._linear, lm.ops.linear_swiglu = real_linear, real_swiglu
-    return {name: a.hessian for name, a in acc.items()}
+    # The model runs with its MLPs zero-padded (align.py): down_proj's padded inputs are exactly zero, so its
+    # Hessian cut to the checkpoint's width is the unpadded model's.
+    widths = {mlp.down[: -len(".weight")]: mlp.width for mlp in mlp_weights(model.config)}
+    return {name: _leading_block(a.hessian, widths.get(name, a.in_features)) for name, a in acc.items()}
+
+
+def _leading_block(h: torch.Tensor, k: int) -> torch.Tensor:
+    return h[:k, :k].contiguous()
 
 
 def quantize_checkpoint(model_dir, out_dir, bits: int = 4, group_size: int = 128, fmt: str = "gptq",
