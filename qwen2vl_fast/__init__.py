@@ -5,15 +5,23 @@ from .config import ModelConfig, load_config
 from .errors import BackendError, CheckpointError, ConfigError, InputError, Qwen2VLFastError
 
 __version__ = "0.1.0"
-__all__ = ["load", "load_config", "ModelConfig", "ops", "Processor", "Engine", "Qwen2VLFastError", "ConfigError", "CheckpointError",
+__all__ = ["load", "tune", "load_config", "ModelConfig", "ops", "Processor", "Engine", "Qwen2VLFastError", "ConfigError", "CheckpointError",
            "InputError", "BackendError", "__version__"]
 
 
-def load(path, device="cpu", dtype=None, backend="auto", progress=None):
+def load(path, device="cpu", dtype=None, backend="auto", progress=None, dispatch="measure", dispatch_cache=None):
     """Load a checkpoint directory into a model with the call signature of transformers' model. See `model.load`."""
     from .model import load as _load
 
-    return _load(path, device=device, dtype=dtype, backend=backend, progress=progress)
+    return _load(path, device=device, dtype=dtype, backend=backend, progress=progress, dispatch=dispatch,
+                 dispatch_cache=dispatch_cache)
+
+
+def tune(model, inputs=None, remeasure=False):
+    """Measure every raced op of `model` at the shapes of `inputs` and keep the winners. See `tuning.tune`."""
+    from .tuning import tune as _tune
+
+    return _tune(model, inputs, remeasure=remeasure)
 
 
 def __getattr__(name):

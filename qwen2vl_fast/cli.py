@@ -6,7 +6,10 @@
   qwen2vl-fast generate --model DIR [--image P] [--video P] "prompt"   stream an answer
   qwen2vl-fast write-checkpoint --preset P --out DIR     a random-weight checkpoint in the HF format
   qwen2vl-fast presets                                   the presets and their sizes
-  qwen2vl-fast ops [--device cuda]                       every op, its implementations, what `auto` picks
+  qwen2vl-fast ops [--device cuda]                       every op, its implementations, what `auto` picks, and
+                                                         the measured winner per shape on this device, with times
+  qwen2vl-fast tune --model DIR [--image 1344x896 ...]   measure every raced op at the model's real shapes
+                                                         (prefill, images, decode batches) and cache the winners
 """
 
 from __future__ import annotations
@@ -53,15 +56,72 @@ def _cmd_presets(args) -> int:
 
 def _cmd_ops(args) -> int:
     from .ops import available
+    from .ops.tuning_cache import TuningCache, fingerprint
 
-    table = available(args.device)
+    device = torch.device(args.device) if args.device else None
+    table = available(device)
+    dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # measurements belong to a device that is here (its name and driver are part of the cache key)
+    here = dev.type != "cuda" or torch.cuda.is_available()
+    measured = TuningCache(args.cache, fingerprint(dev)).entries if here else {}
     if args.json:
+        for name, info in table.items():
+            info["measured"] = measured.get(name, {})  # shape key -> {"winner", "times_us"}
         print(json.dumps(table, indent=2))
         return 0
     for name, info in table.items():
-        print(f"{name:18s} implementations: {','.join(info['implementations']):18s} auto -> {info['auto']:7s} "
-              f"{info['doc']}")
+        raced = len(info["candidates"]) > 1
+        print(f"{name:18s} implementations: {','.join(info['implementations']):18s} auto -> "
+              f"{('measured, else ' if raced else '') + info['auto']:22s} {info['doc']}")
+    _print_measured(measured, dev)
     return 0
+
+
+def _print_measured(measured: dict, dev) -> None:
+    rows = [(op, key, rec) for op, shapes in sorted(measured.items()) for key, rec in sorted(shapes.items())]
+    if not rows:
+        print(f"\nno measured dispatch choices for {dev} yet (qwen2vl-fast tune --model DIR measures them)")
+        return
+    print(f"\nmeasured on {dev} (winner, then every candidate's median time in microseconds):")
+    for op, key, rec in rows:
+        times = ", ".join(f"{b} {'failed' if t is None else f'{t:.1f}'}" for b, t in sorted(rec["times_us"].items()))
+        print(f"  {op:18s} {key:44s} -> {rec['winner']:7s} ({times})")
+
+
+def _cmd_tune(args) -> int:
+    from .engine import Engine
+    from .testing.inputs import image_prompt, text_prompt
+    from .tuning import measuring
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Qwen2VLFastError("--device cuda: this torch sees no CUDA device (a CPU-only build, or no GPU)")
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(args.model, device=device, dtype=_DTYPES[args.dtype] if args.dtype else None,
+                                    max_batch=args.max_batch, max_len=args.max_len, warmup=False,
+                                    dispatch="cached", dispatch_cache=args.cache)
+    model = engine.model
+    if model.ops.dispatch is None:
+        print(f"no op has more than one fast implementation on {device}: nothing to measure")
+        return 0
+    with measuring(model.ops, remeasure=args.remeasure):
+        engine.warmup(prompt_lengths=args.prompt_tokens)  # LLM prefill and every decode batch bucket
+        for size in args.image:
+            w, h = _size(size)
+            model(**image_prompt(model.config, w, h, text_tokens=64))  # the vision tower at this image size
+    report = model.ops.dispatch_report()
+    print(f"measured {len(report)} (op, shape) choices in {time.perf_counter() - t0:.1f} s "
+          f"-> {model.ops.dispatch.cache.path}")
+    _print_measured(model.ops.dispatch.cache.entries, device)
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise Qwen2VLFastError(f"image size {text!r}: expected WIDTHxHEIGHT, e.g. 1344x896") from None
+    return w, h
 
 
 def _demo_picture(h: int, w: int):
@@ -236,10 +296,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the presets").set_defaults(fn=_cmd_presets)
 
-    o = sub.add_parser("ops", help="list ops, implementations and what auto picks")
+    o = sub.add_parser("ops", help="list ops, implementations, what auto picks and the measured winners")
     o.add_argument("--device", default=None)
     o.add_argument("--json", action="store_true")
+    o.add_argument("--cache", default=None, help="tuning cache file (default ~/.cache/qwen2vl_fast/dispatch.json)")
     o.set_defaults(fn=_cmd_ops)
+
+    t = sub.add_parser("tune", help="measure the raced ops at a model's real shapes and cache the winners")
+    t.add_argument("--model", required=True, help="checkpoint directory")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--dtype", default=None, choices=list(_DTYPES), help="default: the checkpoint's")
+    t.add_argument("--image", nargs="*", default=["448x448", "1344x896"], metavar="WxH",
+                   help="image sizes whose vision-tower shapes to measure (multiples of 28)")
+    t.add_argument("--prompt-tokens", type=int, nargs="*", default=[64, 1024], help="text prefill lengths")
+    t.add_argument("--max-batch", type=int, default=16, help="decode batch buckets up to this size")
+    t.add_argument("--max-len", type=int, default=None)
+    t.add_argument("--cache", default=None, help="tuning cache file (default ~/.cache/qwen2vl_fast/dispatch.json)")
+    t.add_argument("--remeasure", action="store_true", help="forget this device's earlier winners first")
+    t.set_defaults(fn=_cmd_tune)
     return p
 
 

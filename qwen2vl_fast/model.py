@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .align import pad_mlp_widths
 from .checkpoint import load_checkpoint
 from .config import QWEN2_5_VL, ModelConfig, load_config
 from .errors import InputError
@@ -69,22 +70,31 @@ def resolve_dtype(dtype, cfg: ModelConfig) -> torch.dtype:
     return chosen
 
 
-def load(path: str | os.PathLike, device="cpu", dtype=None, backend: str = "auto", progress=None) -> "Qwen2VLFastModel":
+def load(path: str | os.PathLike, device="cpu", dtype=None, backend: str = "auto", progress=None,
+         dispatch: str = "measure", dispatch_cache=None) -> "Qwen2VLFastModel":
     """Load a Qwen2-VL / Qwen2.5-VL checkpoint directory (config.json + safetensors).
 
     device: where the weights go (read straight there); dtype: None/"auto" for the checkpoint's dtype;
-    backend: "auto" | "torch" | "triton" | "cuda" (overridden by QWEN2VL_FAST_BACKEND).
+    backend: "auto" | "torch" | "triton" | "cuda" (overridden by QWEN2VL_FAST_BACKEND). Under "auto", an op with
+    several implementations on the device runs the one measured fastest at each shape (ops/dispatch.py);
+    dispatch: "measure" (the first call of a new shape times the candidates, as `tune` does), "cached" (only
+    what the tuning cache holds; cuBLAS for unmeasured GEMMs) or "default" (no measurements at all);
+    dispatch_cache: the tuning cache file (default ~/.cache/qwen2vl_fast/dispatch.json).
     The Qwen2.5-VL vision tower is kept in bfloat16 when float16 is asked for: it overflows fp16 in its last
     block (vLLM's note for Qwen2.5-VL-3B).
+    MLP widths that are not multiples of 64 (Qwen2.5-VL's vision 3420) are zero-padded (align.py), which leaves
+    the logits unchanged; `model.weights` / `state_dict()` hold the padded runtime tensors, and
+    `align.strip_mlp_padding(model.config, model.state_dict())` gives the checkpoint's shapes back.
     """
     cfg = load_config(path)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, cfg)
-    ops = resolve(backend, device, cfg)
+    ops = resolve(backend, device, cfg, dispatch=dispatch, cache_path=dispatch_cache)
     vision_dtype = torch.bfloat16 if (dtype == torch.float16 and cfg.model_type == QWEN2_5_VL) else dtype
     weights = load_checkpoint(path, cfg, device=device, dtype=dtype, progress=progress)
     if vision_dtype != dtype:
         weights = {k: (w.to(vision_dtype) if k.startswith("visual.") else w) for k, w in weights.items()}
+    pad_mlp_widths(cfg, weights)
     return Qwen2VLFastModel(cfg, weights, ops)
 
 

@@ -313,9 +313,10 @@ def test_available_lists_every_op(no_backend_env):
     listing = ops.available("cpu")
     assert set(listing) == EXPECTED_OPS == set(ops.all_ops())
     for name, entry in listing.items():
-        assert set(entry) == {"implementations", "runs_here", "auto", "doc"}, name
+        assert set(entry) == {"implementations", "runs_here", "candidates", "auto", "doc"}, name
         assert "torch" in entry["implementations"] and "torch" in entry["runs_here"]
         assert entry["auto"] == "torch", name  # nothing faster runs on the CPU
+        assert entry["candidates"] == ["torch"], name  # so nothing is raced there
         assert entry["doc"], name
     if not torch.cuda.is_available():
         assert ops.available() == listing

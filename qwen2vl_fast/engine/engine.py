@@ -48,7 +48,7 @@ class TokenEvent:
 
 class Engine:
     def __init__(self, model, processor=None, max_batch: int = 16, max_len: Optional[int] = None,
-                 cuda_graphs: bool = True, stop_token_ids=STOP_TOKEN_IDS):
+                 cuda_graphs: bool = True, stop_token_ids=STOP_TOKEN_IDS, warmup: Optional[bool] = None):
         self.model, self.processor = model, processor
         cfg = model.config.text
         self.max_len = int(max_len or min(cfg.max_position_embeddings, 8192))
@@ -58,19 +58,40 @@ class Engine:
         self.graphs = None
         if cuda_graphs and model.device.type == "cuda":
             self.graphs = DecodeGraphs(model.language_model, self.cache)
+        if warmup if warmup is not None else model.device.type == "cuda":
+            self.warmup()
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, cuda_graphs: bool = True, backend: str = "auto",
-                        max_batch: int = 16, max_len: Optional[int] = None) -> "Engine":
+                        max_batch: int = 16, max_len: Optional[int] = None, warmup: Optional[bool] = None,
+                        dispatch: str = "measure", dispatch_cache=None) -> "Engine":
         import qwen2vl_fast
         from ..processing.processor import Processor
 
-        model = qwen2vl_fast.load(path, device=device, dtype=dtype, backend=backend)
+        model = qwen2vl_fast.load(path, device=device, dtype=dtype, backend=backend, dispatch=dispatch,
+                                  dispatch_cache=dispatch_cache)
         try:
             processor = Processor.from_pretrained(path)
         except PromptError:  # no tokenizer: the engine still takes processed dicts (texts stay empty)
             processor = None
-        return cls(model, processor, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs)
+        return cls(model, processor, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs, warmup=warmup)
+
+    def warmup(self, prompt_lengths=(64, 1024)) -> list:
+        """Before the first request (by default on CUDA): measure the dispatch candidates of every raced op at
+        this engine's prefill shapes (text prompts of `prompt_lengths` tokens) and decode shapes (every batch
+        bucket of the CUDA graphs, measured in the eager step before each capture), and capture the graphs.
+        Image shapes are measured on their first request. Returns the dispatch report."""
+        from ..testing.inputs import text_prompt
+        from ..tuning import measuring
+
+        lengths = sorted({min(int(n), self.max_len - 2) for n in prompt_lengths if self.max_len > 2})
+        with measuring(self.model.ops):
+            for n in lengths:
+                if n > 0:
+                    self.generate(text_prompt(n), max_new_tokens=2, ignore_eos=True)
+            if self.graphs is not None and not self.graphs.graphs:
+                self.graphs.capture()
+        return self.model.ops.dispatch_report()
 
     # -- public API ---------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .registry import implementation, reference, triton_auto_on, triton_runs_on
 
 
-@reference("linear")
+@reference("linear", prefer_reference=True)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight.T + bias; weight (out, in), in the model dtype."""
     return F.linear(x, weight, bias)
@@ -20,7 +20,7 @@ def embedding(input_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return F.embedding(input_ids, table)
 
 
-@reference("patch_embed")
+@reference("patch_embed", prefer_reference=True)
 def patch_embed(pixel_values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The Conv3d patch embedding as one GEMM: pixel_values (N, C*2*14*14) @ weight (E, C*2*14*14).T.
 
@@ -34,7 +34,7 @@ def patch_embed(pixel_values: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 _ACTS = ("none", "quick_gelu", "gelu")
 
 
-@reference("linear_act")
+@reference("linear_act", prefer_reference=True)
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
     """act(x @ weight.T + bias), act in none | quick_gelu | gelu (exact erf): a GEMM with its epilogue."""
     y = F.linear(x, weight, bias)
@@ -47,7 +47,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y
 
 
-@reference("linear_swiglu")
+@reference("linear_swiglu", prefer_reference=True)
 def linear_swiglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """silu(gate) * up of a fused gate/up projection: weight (2I, K) = [gate; up] -> (..., I)."""
     gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)

@@ -10,7 +10,7 @@ from .norms import layer_norm, rms_norm
 from .registry import implementation, reference, triton_auto_on, triton_runs_on
 
 
-@reference("merger")
+@reference("merger", prefer_reference=True)
 def merger(x: torch.Tensor, ln_w: torch.Tensor, ln_b, fc1_w: torch.Tensor, fc1_b: torch.Tensor,
            fc2_w: torch.Tensor, fc2_b: torch.Tensor, eps: float) -> torch.Tensor:
     """x (N, E) in merge-group order -> (N / 4, out). ln_b None selects RMSNorm (Qwen2.5-VL), else LayerNorm."""

@@ -8,23 +8,29 @@ GPU). `resolve(backend, device)` turns a backend request into one callable per o
 - "triton" / "cuda": that backend's implementation for every op that has one that runs on the device, the
   next one down the chain (cuda -> triton -> torch) for the others; asking for a backend that runs no op at
   all on this device is an error rather than a silent run of the references;
-- "auto": per op, the first of cuda, triton, torch that runs on the device.
+- "auto": per op, every implementation that runs fast on the device is a candidate; with more than one, the op
+  is dispatched by measurement (dispatch.py): per shape, the fastest measured here. Before a shape is measured it
+  runs the op's untuned default: the reference for ops registered with `prefer_reference=True` (the GEMMs:
+  cuBLAS), else the first of cuda, triton, torch.
 
-`OpTable.chosen` records what each op resolved to, so the choice is never hidden.
+`OpTable.chosen` records each op's untuned default and `OpTable.dispatch_report()` the measured winners, so the
+choice is never hidden.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ..errors import BackendError
+from .dispatch import MODES, Dispatch, MeasuredOp
 
 BACKENDS = ("torch", "triton", "cuda")
 BACKEND_ENV = "QWEN2VL_FAST_BACKEND"
+DISPATCH_ENV = "QWEN2VL_FAST_DISPATCH"  # measure | cached | default: overrides the `dispatch` mode of resolve()
 _CHAIN = {"cuda": ("cuda", "triton", "torch"), "triton": ("triton", "torch"), "torch": ("torch",),
           "auto": ("cuda", "triton", "torch")}
 
@@ -40,6 +46,7 @@ class Op:
     impls: dict = field(default_factory=dict)  # backend -> (fn, runs_on(device) -> bool)
     auto_on: dict = field(default_factory=dict)  # backend -> predicate for `auto` (default: runs_on)
     supports: dict = field(default_factory=dict)  # backend -> predicate on the ModelConfig (default: all)
+    prefer_reference: bool = False  # untuned default of `auto` is the reference (GEMMs: cuBLAS until measured)
 
     @property
     def reference(self) -> Callable:
@@ -56,24 +63,41 @@ class Op:
             names = [b for b in names if self.supports.get(b, lambda c: True)(config)]
         return names
 
-    def pick(self, backend: str, device, config=None) -> str:
+    def candidates(self, device, config=None, interpreted: bool = False) -> list[str]:
+        """What `auto` may run on `device`: the implementations that run there and that `auto_on` admits (Triton
+        under the CPU interpreter runs, but is never a fast choice); `interpreted=True` admits those too (tests
+        of the dispatch itself)."""
         runnable = self.implementations(device, config)
-        if backend == "auto":  # e.g. Triton under the CPU interpreter runs, but is never the fast choice
-            dev = torch.device(device)
-            runnable = [b for b in runnable if self.auto_on.get(b, self.impls[b][1])(dev)]
+        if interpreted:
+            return runnable
+        dev = torch.device(device)
+        return [b for b in runnable if self.auto_on.get(b, self.impls[b][1])(dev)]
+
+    def untuned(self, candidates: list[str]) -> str:
+        """The candidate that runs before (or without) a measurement."""
+        if self.prefer_reference and "torch" in candidates:
+            return "torch"
+        return next(b for b in _CHAIN["auto"] if b in candidates)
+
+    def pick(self, backend: str, device, config=None) -> str:
+        if backend == "auto":
+            return self.untuned(self.candidates(device, config))
+        runnable = self.implementations(device, config)
         return next(b for b in _CHAIN[backend] if b in runnable)
 
 
 _OPS: dict[str, Op] = {}
 
 
-def reference(name: str):
-    """Decorator: register `fn` as the PyTorch reference of op `name` (creating the op)."""
+def reference(name: str, prefer_reference: bool = False):
+    """Decorator: register `fn` as the PyTorch reference of op `name` (creating the op). `prefer_reference`: under
+    `auto`, shapes not yet measured run this reference rather than a fast implementation."""
 
     def wrap(fn):
         if name in _OPS:
             raise RuntimeError(f"op {name!r} registered twice")
-        _OPS[name] = Op(name=name, doc=(fn.__doc__ or "").strip().split("\n")[0], impls={"torch": (fn, _always)})
+        _OPS[name] = Op(name=name, doc=(fn.__doc__ or "").strip().split("\n")[0], impls={"torch": (fn, _always)},
+                        prefer_reference=prefer_reference)
         return fn
 
     return wrap
@@ -162,20 +186,47 @@ def normalize_backend(backend: str | None) -> str:
 
 
 class OpTable:
-    """One resolved callable per op, as attributes: `table.rms_norm(x, w, eps)`."""
+    """One resolved callable per op, as attributes: `table.rms_norm(x, w, eps)`. Under `auto`, an op with several
+    candidates is a `MeasuredOp`; `chosen` holds every op's untuned default, `dispatch` the measurement state."""
 
-    def __init__(self, backend: str, device, fns: dict[str, Callable], chosen: dict[str, str]):
-        self.backend, self.device, self.chosen = backend, torch.device(device), chosen
+    def __init__(self, backend: str, device, fns: dict[str, Callable], chosen: dict[str, str],
+                 dispatch: Optional[Dispatch] = None):
+        self.backend, self.device, self.chosen, self.dispatch = backend, torch.device(device), chosen, dispatch
         self.__dict__.update(fns)
 
+    @property
+    def measured(self) -> dict[str, MeasuredOp]:
+        """The ops dispatched by measurement: name -> MeasuredOp (candidates, winners per shape key)."""
+        return dict(self.dispatch.ops) if self.dispatch is not None else {}
+
+    def dispatch_report(self) -> list:
+        """[(op, shape key, winner, {backend: microseconds})] for every shape measured on this device."""
+        return self.dispatch.report() if self.dispatch is not None else []
+
     def __repr__(self) -> str:
-        picked = ", ".join(f"{k}={v}" for k, v in sorted(self.chosen.items()))
+        picked = ", ".join(f"{k}={'measured:' if k in self.measured else ''}{v}" for k, v in sorted(self.chosen.items()))
         return f"OpTable(backend={self.backend!r}, device={self.device}, {picked})"
 
 
-def resolve(backend: str | None = "auto", device="cpu", config=None) -> OpTable:
+def normalize_dispatch(mode) -> str:
+    env = os.environ.get(DISPATCH_ENV)
+    chosen = env if env else mode
+    if chosen not in MODES:
+        source = f"environment variable {DISPATCH_ENV}" if env else "dispatch argument"
+        raise BackendError(f"unknown dispatch mode {chosen!r} from the {source}; choose one of {', '.join(MODES)}")
+    return chosen
+
+
+def resolve(backend: str | None = "auto", device="cpu", config=None, dispatch="measure", cache_path=None,
+            timer=None, interpreted: bool = False) -> OpTable:
     """One callable per op for `backend` on `device`; with `config` (the model's ModelConfig), implementations
-    that do not support its shapes are passed over for the next in the chain (visible in `chosen`)."""
+    that do not support its shapes are passed over for the next in the chain (visible in `chosen`).
+
+    Under `auto`, ops with several candidates are dispatched by measurement (dispatch.py): `dispatch` is the
+    mode ("measure", "cached", "default"; QWEN2VL_FAST_DISPATCH overrides it) or a `Dispatch` to share;
+    `cache_path` the tuning cache file (default ~/.cache/qwen2vl_fast/dispatch.json); `timer(op, backend, fn,
+    args) -> seconds` replaces the device timing (tests inject timings); `interpreted=True` lets Triton under
+    the CPU interpreter be a candidate (tests of the dispatch)."""
     backend = normalize_backend(backend)
     dev = torch.device(device)
     chosen = {name: op.pick(backend, dev, config) for name, op in _OPS.items()}
@@ -185,15 +236,27 @@ def resolve(backend: str | None = "auto", device="cpu", config=None) -> OpTable:
             f"backend {backend!r} has no op that runs on {dev} here (implemented backends: {', '.join(have)}); "
             f"use backend='auto' or 'torch'")
     fns = {name: _OPS[name].impls[b][0] for name, b in chosen.items()}
-    return OpTable(backend, dev, fns, chosen)
+    table_dispatch = None
+    if backend == "auto":
+        raced = {name: op.candidates(dev, config, interpreted) for name, op in _OPS.items()}
+        raced = {name: c for name, c in raced.items() if len(c) > 1}
+        if raced:  # only then is there anything to measure (never on a CPU without the interpreter)
+            table_dispatch = dispatch if isinstance(dispatch, Dispatch) else \
+                Dispatch(dev, normalize_dispatch(dispatch), cache_path, timer)
+            for name, cands in raced.items():
+                op = _OPS[name]
+                chosen[name] = op.untuned(cands)
+                fns[name] = MeasuredOp(name, {b: op.impls[b][0] for b in cands}, chosen[name], table_dispatch,
+                                       op.reference)
+    return OpTable(backend, dev, fns, chosen, table_dispatch)
 
 
 def available(device=None) -> dict[str, dict]:
-    """Every op: its implementations, the ones that run on `device` (default: cuda if present, else cpu)
-    and the one `auto` picks there."""
+    """Every op: its implementations, the ones that run on `device` (default: cuda if present, else cpu), the
+    candidates `auto` races there and the one it runs before a measurement (`auto`)."""
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     return {
         name: {"implementations": op.implementations(), "runs_here": op.implementations(dev),
-               "auto": op.pick("auto", dev), "doc": op.doc}
+               "candidates": op.candidates(dev), "auto": op.pick("auto", dev), "doc": op.doc}
         for name, op in sorted(_OPS.items())
     }
