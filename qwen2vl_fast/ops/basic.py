@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import implementation, reference, triton_auto_on, triton_runs_on
+from .registry import implementation, reference, triton_auto_on, triton_runs_on, variant
 
 
 @reference("linear", prefer_reference=True)
@@ -104,3 +104,27 @@ def patch_embed_frames_triton(frames, weight, mean, std, patch_size: int = 14, t
     from qwen2vl_fast.kernels.patch_embed import patch_embed_frames as _k
 
     return _k(frames, weight, mean, std, patch_size, temporal_patch_size, merge_size)
+
+
+# ------------------------------------------------------------------------- cuBLAS GEMM + our activation kernel
+# Candidates of `auto` only (registry.variant): a fused-epilogue GEMM must beat not just the all-PyTorch reference
+# (cuBLAS + two or three elementwise kernels) but also cuBLAS followed by our one-pass activation kernel.
+# Numerics as the reference: the GEMM output is rounded to the model dtype before the activation.
+
+@variant("linear_act", "cublas+triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def linear_act_cublas_triton(x, weight, bias, act):
+    from qwen2vl_fast.kernels import activations
+
+    y = F.linear(x, weight, bias)
+    if act == "none":
+        return y
+    if act not in ("quick_gelu", "gelu"):
+        raise ValueError(f"act must be one of {_ACTS}, got {act!r}")
+    return activations.quick_gelu(y) if act == "quick_gelu" else activations.gelu(y)
+
+
+@variant("linear_swiglu", "cublas+triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
+def linear_swiglu_cublas_triton(x, weight, bias):
+    from qwen2vl_fast.kernels.activations import silu_and_mul
+
+    return silu_and_mul(F.linear(x, weight, bias))

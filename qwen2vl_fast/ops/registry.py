@@ -47,6 +47,8 @@ class Op:
     auto_on: dict = field(default_factory=dict)  # backend -> predicate for `auto` (default: runs_on)
     supports: dict = field(default_factory=dict)  # backend -> predicate on the ModelConfig (default: all)
     prefer_reference: bool = False  # untuned default of `auto` is the reference (GEMMs: cuBLAS until measured)
+    variants: dict = field(default_factory=dict)  # label -> (fn, auto_on): extra candidates `auto` races, never
+    #                                               picked by name (e.g. cuBLAS GEMM + our activation kernel)
 
     @property
     def reference(self) -> Callable:
@@ -68,10 +70,13 @@ class Op:
         under the CPU interpreter runs, but is never a fast choice); `interpreted=True` admits those too (tests
         of the dispatch itself)."""
         runnable = self.implementations(device, config)
-        if interpreted:
-            return runnable
         dev = torch.device(device)
-        return [b for b in runnable if self.auto_on.get(b, self.impls[b][1])(dev)]
+        if not interpreted:
+            runnable = [b for b in runnable if self.auto_on.get(b, self.impls[b][1])(dev)]
+        return runnable + [label for label, (_, ok) in self.variants.items() if ok(dev, interpreted)]
+
+    def candidate_fn(self, name: str) -> Callable:
+        return self.impls[name][0] if name in self.impls else self.variants[name][0]
 
     def untuned(self, candidates: list[str]) -> str:
         """The candidate that runs before (or without) a measurement."""
@@ -117,6 +122,18 @@ def implementation(name: str, backend: str, runs_on: Callable[[torch.device], bo
             _OPS[name].auto_on[backend] = auto_on
         if supports is not None:
             _OPS[name].supports[backend] = supports
+        return fn
+
+    return wrap
+
+
+def variant(name: str, label: str, runs_on: Callable[[torch.device], bool], auto_on: Callable[[torch.device], bool]):
+    """Decorator: register `fn` as a further candidate of op `name` that only `auto` races (under `label`), for
+    combinations that are no backend of their own: cuBLAS's GEMM followed by our activation kernel races both the
+    all-PyTorch reference and our fused-epilogue GEMM. `runs_on` admits it with interpreted=True (tests)."""
+
+    def wrap(fn):
+        _OPS[name].variants[label] = (fn, lambda dev, interpreted: (runs_on if interpreted else auto_on)(dev))
         return fn
 
     return wrap
@@ -246,7 +263,7 @@ def resolve(backend: str | None = "auto", device="cpu", config=None, dispatch="m
             for name, cands in raced.items():
                 op = _OPS[name]
                 chosen[name] = op.untuned(cands)
-                fns[name] = MeasuredOp(name, {b: op.impls[b][0] for b in cands}, chosen[name], table_dispatch,
+                fns[name] = MeasuredOp(name, {b: op.candidate_fn(b) for b in cands}, chosen[name], table_dispatch,
                                        op.reference)
     return OpTable(backend, dev, fns, chosen, table_dispatch)
 
