@@ -5,9 +5,11 @@ dispatch too):
 
 - CUDA: each repetition first overwrites a buffer of twice the device's L2 (so no candidate reads weights or
   activations the previous repetition left in L2: a decode GEMV would otherwise be timed at L2 bandwidth, and
-  a kernel whose working set happens to fit would beat one whose does not), then records an event, runs the
-  call, records an event. The flush kernel runs for tens of microseconds, long enough for the host to enqueue
-  the call behind it, so host launch latency is not inside the timed span. The median over repetitions is kept.
+  a kernel whose working set happens to fit would beat one whose does not), then keeps the GPU busy in a spin
+  kernel for ~100 us, then records an event, runs the call, records an event. While the flush and the spin run,
+  the host enqueues the call behind them, so host launch latency (Python, custom-op dispatch, Triton's launcher)
+  is not inside the timed span: what is compared is device time, which is what a CUDA-graph replay pays. The
+  median over repetitions is kept.
 - CPU: wall time of each call, the median.
 
 Arguments an implementation writes in place (e.g. the rotary kernels rotate q and k inside qkv) are cloned before
@@ -24,6 +26,7 @@ import torch
 
 _FLUSH: dict = {}  # device -> uint8 buffer of 2x L2, allocated on first use
 _DEFAULT_L2 = 50 * 2**20
+_HEAD_START_CYCLES = 200_000  # ~100 us at Hopper's ~2 GHz: the host's head start to enqueue the timed call
 
 
 def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
@@ -67,6 +70,7 @@ def _time_cuda(fn, args, device, mutated, reps, budget_s) -> float:
     for i in range(reps):
         call_args = _fresh_args(args, mutated)
         flush.zero_()
+        torch.cuda._sleep(_HEAD_START_CYCLES)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
         fn(*call_args)
