@@ -357,3 +357,56 @@ def test_cli_tune_on_the_cpu(tiny_checkpoints, tmp_path, capsys):
     assert cli(["tune", "--model", str(tiny_checkpoints["tiny-qwen2-vl"]), "--device", "cpu",
                 "--cache", str(tmp_path / "d.json")]) == 0
     assert "nothing to measure" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ the device timer
+
+def test_cuda_timer_flushes_l2_and_times_only_the_call(monkeypatch):
+    """The CUDA path's order of work, with torch.cuda faked (no GPU here): per repetition a flush of the L2
+    buffer and the host's head-start spin come before the start event, the call between the two events, and
+    the budget cuts the repetitions of a long call."""
+    from qwen2vl_fast.ops import timing
+
+    log, clock = [], {"t": 0.0}
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self, stream=None):
+            log.append("event")
+            self.t = clock["t"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):  # milliseconds, as CUDA events
+            return (other.t - self.t) * 1e3
+
+    class FlushBuffer:
+        def zero_(self):
+            log.append("flush")
+
+    dev = torch.device("cuda", 0)
+    monkeypatch.setitem(timing._FLUSH, dev, FlushBuffer())
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append("spin"))
+
+    def call(seconds):
+        def fn(x):
+            log.append("call")
+            clock["t"] += seconds
+            x.add_(1)  # written in place: every repetition must get a fresh copy
+        return fn
+
+    x = torch.zeros(3)
+    t = timing.time_call(call(1e-5), (x,), dev, mutated=(0,), warmup=1, reps=5, budget_s=1.0)
+    assert t == pytest.approx(1e-5)
+    assert log[:2] == ["call", "flush"]  # the warm-up call, then the first repetition
+    assert log[1:] == ["flush", "spin", "event", "call", "event"] * 5
+    assert torch.equal(x, torch.zeros(3))  # the caller's tensor is never written
+    log.clear()
+    timing.time_call(call(0.1), (x,), dev, warmup=0, reps=50, budget_s=0.5)
+    assert log.count("call") == 3  # 3 x 0.1 s measured, 50 would exceed the 0.5 s budget
