@@ -8,6 +8,7 @@ padding is handled through `attention_mask`.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -19,6 +20,7 @@ from .checkpoint import load_checkpoint
 from .config import QWEN2_5_VL, ModelConfig, load_config
 from .errors import InputError
 from .language import LanguageModel
+from .layout import fused_tensor_shapes
 from .ops import OpTable, resolve
 from .positions import mrope_position_ids
 from .vision import VisionTower
@@ -106,8 +108,10 @@ class Qwen2VLFastModel:
         self.device, self.dtype = self.language_model.device, self.language_model.dtype
 
     def __repr__(self) -> str:
-        n = sum(w.numel() if isinstance(w, torch.Tensor) else w.in_features * w.out_features
-                for k, w in self.weights.items() if k != "lm_head.weight" or not self.config.text.tie_word_embeddings)
+        # the checkpoint's parameter count: the shapes before any load-time padding (align.py)
+        shapes = fused_tensor_shapes(self.config)
+        n = sum(math.prod(shapes[k]) if k in shapes else w.numel() for k, w in self.weights.items()
+                if k != "lm_head.weight" or not self.config.text.tie_word_embeddings)
         return (f"Qwen2VLFastModel({self.config.model_type}, {n / 1e9:.2f}B params, dtype={self.dtype}, "
                 f"device={self.device}, backend={self.ops.backend!r})")
 
