@@ -1,22 +1,26 @@
-"""Each LLM (decoder) kernel against the best PyTorch alternative, at the Qwen2-VL-2B and -7B shapes.
+"""Each LLM (decoder) kernel other than the GEMMs against the best PyTorch alternative, at the 2B and 7B shapes.
 
-Shapes: 2B: 12 q / 2 kv heads, hidden 1536, MLP 8960; 7B: 28 / 4, hidden 3584, MLP 18944; head_dim 128.
+Shapes: 2B: 12 q / 2 kv heads, hidden 1536; 7B: 28 / 4, hidden 3584; head_dim 128. The decoder's GEMMs (qkv,
+o_proj, gate/up + SwiGLU, down, lm_head) are in bench/bench_gemm.py.
 - prefill_attention: causal GQA over one 1600-token prompt (one 1344x896 image + 64 text tokens) and a packed
   batch of 4 x 512. Alternatives: SDPA with each backend (flash, efficient, cudnn, math) on the padded (B, H, L, D)
   layout, `enable_gqa=True` where the backend takes it, else K/V repeated to Hq heads beforehand (not timed; the
-  label says which), and the op's reference.
+  row's tag says which), and the op's reference.
 - decode_attention: one query per row against its cache, batch 1 / 16 / 64 x context 1k / 4k / 16k (all rows
   full). Alternatives: SDPA on the cache viewed as (B, Hkv, L, D) (the same fallback), the reference.
 - rope_kv_write: rotate q, k and write k, v into the cache, for 1 / 16 / 64 decode tokens and a 1600-token
   prefill. Alternatives: the reference eagerly and under torch.compile.
-- add_rms_norm (hidden 1536 / 3584) and linear_swiglu (hidden -> 2 x MLP, then silu(gate) * up) at M = 1, 16, 64
-  (decode) and 1600 (prefill). Alternatives: the reference (cuBLAS + eager epilogue) and torch.compile of it.
-Ours: every fast implementation (`resolve("triton" | "cuda", "cuda")`) that serves the op.
-Reported: median ms (CUDA events, inputs rotated past L2 for the memory-bound cases), TFLOP/s or GB/s against
-the measured ceilings, % of roofline (FLOPs and fewest bytes: each input read once, each output written once),
-speedup over the best alternative. JSON via results.write_result("llm_kernels", ...). Needs CUDA.
+- add_rms_norm at M = 1, 16, 64 (decode) and 1600 (prefill): the reference eagerly and under torch.compile.
+Ours: every fast implementation that runs here, and "auto" (the runtime's measured dispatch).
+Timing and fairness (bench/compare.py): one method for every candidate of a case (CUDA-graph replays, else a
+pre-filled queue); memory-bound cases (intensity under the measured ridge: decode attention, rope, norms) read
+inputs rotated past 2x L2. Reported: median / p20 / p80 ms, TFLOP/s or GB/s, % of the measured roofline (FLOPs
+and fewest bytes: each input read once, each output written once), speedup over the best alternative.
+JSON: "llm_kernels", written case by case.
 
     python bench/bench_llm_kernels.py [--dtype bfloat16] [--reps 30] [--no-compile] [--shapes 2b 7b]
+CPU smoke (tiny shapes, float32; ours only under TRITON_INTERPRET=1):
+    TRITON_INTERPRET=1 python bench/bench_llm_kernels.py --smoke --device cpu --reps 2
 """
 
 from __future__ import annotations
@@ -35,183 +39,180 @@ if __package__ in (None, ""):
     import qwen2vl_fast  # noqa: F401
     sys.path.remove(_ROOT)
 
-from bench import harness, results, roofline
-from bench.bench_vision_kernels import sdpa_backends
+from bench import compare, harness, results, roofline
+from bench.bench_vision_kernels import DTYPES, sdpa_backends
 from bench.harness import fast_impls
 from qwen2vl_fast.ops import VarlenMeta, get_op
 
-D = 128
-SHAPES = {"2b": dict(hq=12, hkv=2, hidden=1536, mlp=8960), "7b": dict(hq=28, hkv=4, hidden=3584, mlp=18944)}
+SHAPES = {"2b": dict(hq=12, hkv=2, hidden=1536, d=128), "7b": dict(hq=28, hkv=4, hidden=3584, d=128)}
+REAL = dict(prefill=(("1 x 1600", [1600]), ("4 x 512", [512] * 4)), batches=(1, 16, 64), contexts=(1024, 4096, 16384),
+            rope_tokens=(1, 16, 64, 1600), norm_rows=(1, 16, 64, 1600), cache=(64, 2048))
+SMOKE_SHAPE = dict(hq=4, hkv=2, hidden=64, d=16)
+SMOKE = dict(prefill=(("1 x 24", [24]), ("2 x 8", [8] * 2)), batches=(2,), contexts=(32,), rope_tokens=(2, 12),
+             norm_rows=(1, 8), cache=(4, 16))
 
 
-def _sdpa_variants(backend, causal: bool, scale: float, rep: int):
-    """[(tag, prep, fn)] to try in order: GQA inside SDPA, else K/V repeated once before timing."""
+def _ours(op, device, auto, make_args) -> dict:
+    cands = {name: compare.Candidate(fn, make_args, "ours") for name, fn in fast_impls(op, device).items()}
+    if auto is not None:
+        cands["auto"] = compare.Candidate(getattr(auto, op), make_args, "auto")
+    return cands
+
+
+def _sdpa_chain(backend, causal: bool, scale: float, rep: int, make_bhld) -> list:
+    """[GQA inside SDPA, else K/V repeated to Hq heads in make_args (outside the timing)]."""
     from torch.nn.attention import sdpa_kernel
 
-    def run(q, k, v, gqa):
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    def run(gqa):
+        def call(q, k, v):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return call
 
-    def repeat(q, k, v):
+    def repeated():
+        q, k, v = make_bhld()
         return q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return [("gqa", None, lambda q, k, v: run(q, k, v, True)),
-            ("repeat-kv", repeat, lambda q, k, v: run(q, k, v, False))]
+    return [compare.Candidate(run(True), make_bhld, tag="gqa"),
+            compare.Candidate(run(False), repeated, tag="repeat-kv")]
 
 
-def prefill_attention_cases(s, dtype):
-    scale, rep = D ** -0.5, s["hq"] // s["hkv"]
-    for label, lengths in (("1 x 1600", [1600]), ("4 x 512", [512] * 4)):
-        T, b, n = sum(lengths), len(lengths), lengths[0]
-        q = torch.randn(T, s["hq"], D, device="cuda", dtype=dtype)
-        k, v = (torch.randn(T, s["hkv"], D, device="cuda", dtype=dtype) for _ in range(2))
-        meta = VarlenMeta.from_lengths(lengths, "cuda")
-        impls = {name: [("", None, lambda q, k, v, f=f: f(q, k, v, meta, scale))]
-                 for name, f in fast_impls("prefill_attention", "cuda").items()}
-        impls["reference"] = [("", None, lambda q, k, v: get_op("prefill_attention").reference(q, k, v, meta, scale))]
-        padded = [tuple(t.view(b, n, t.shape[1], D).transpose(1, 2) for t in (q, k, v))]  # (B, H, L, D) views
+def prefill_attention_cases(s, sizes, device, dtype, auto):
+    d = s["d"]
+    scale, rep = d ** -0.5, s["hq"] // s["hkv"]
+    for label, lengths in sizes["prefill"]:
+        t, b, n = sum(lengths), len(lengths), lengths[0]
+        meta = VarlenMeta.from_lengths(lengths, device)
+
+        def packed(t=t, meta=meta):
+            q = torch.randn(t, s["hq"], d, device=device, dtype=dtype)
+            k, v = (torch.randn(t, s["hkv"], d, device=device, dtype=dtype) for _ in range(2))
+            return q, k, v, meta, scale
+
+        def bhld(b=b, n=n):  # equal lengths: the packed tensors are a (B, H, L, D) batch without padding
+            q, k, v, _, _ = packed()
+            return tuple(x.view(b, n, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
+        cands = _ours("prefill_attention", device, auto, packed)
+        cands["reference"] = compare.Candidate(get_op("prefill_attention").reference, packed)
         for name, backend in sdpa_backends().items():
-            impls[name] = [(tag, prep, fn) for tag, prep, fn in _sdpa_variants(backend, True, scale, rep)]
-        inputs = {"": [(q, k, v)], "sdpa": padded}
-        flops = 4 * s["hq"] * D * sum(x * (x + 1) // 2 for x in lengths)
-        nbytes = (2 * T * s["hq"] + 2 * T * s["hkv"]) * D * dtype.itemsize
-        yield f"prefill_attention {label}", flops, nbytes, impls, inputs
+            cands[name] = _sdpa_chain(backend, True, scale, rep, bhld)
+        flops = 4 * s["hq"] * d * sum(x * (x + 1) // 2 for x in lengths)
+        nbytes = (2 * t * s["hq"] + 2 * t * s["hkv"]) * d * dtype.itemsize
+        yield compare.Case(f"prefill_attention {label}", flops, nbytes, cands)
 
 
-def decode_attention_cases(s, dtype):
-    scale, rep, hq, hkv = D ** -0.5, s["hq"] // s["hkv"], s["hq"], s["hkv"]
-    for b in (1, 16, 64):
-        for ctx in (1024, 4096, 16384):
-            def make(b=b, ctx=ctx):
-                return (torch.randn(b, hq, D, device="cuda", dtype=dtype),
-                        torch.randn(b, ctx, hkv, D, device="cuda", dtype=dtype),
-                        torch.randn(b, ctx, hkv, D, device="cuda", dtype=dtype))
-            rot = harness.make_rotating_inputs(make)
-            slots = torch.arange(b, device="cuda")
-            lengths = torch.full((b,), ctx, device="cuda", dtype=torch.long)
-            impls = {name: [("", None, lambda q, kc, vc, f=f: f(q, kc, vc, slots, lengths, scale))]
-                     for name, f in fast_impls("decode_attention", "cuda").items()}
-            ref = get_op("decode_attention").reference
-            impls["reference"] = [("", None, lambda q, kc, vc: ref(q, kc, vc, slots, lengths, scale))]
-            sdpa_in = [(q.view(b, hq, 1, D), kc.transpose(1, 2), vc.transpose(1, 2)) for q, kc, vc in rot]
+def decode_attention_cases(s, sizes, device, dtype, auto):
+    d, hq, hkv = s["d"], s["hq"], s["hkv"]
+    scale, rep = d ** -0.5, hq // hkv
+    for b in sizes["batches"]:
+        for ctx in sizes["contexts"]:
+            slots = torch.arange(b, device=device)
+            lengths = torch.full((b,), ctx, device=device, dtype=torch.long)
+
+            def cache(b=b, ctx=ctx, slots=slots, lengths=lengths):
+                return (torch.randn(b, hq, d, device=device, dtype=dtype),
+                        torch.randn(b, ctx, hkv, d, device=device, dtype=dtype),
+                        torch.randn(b, ctx, hkv, d, device=device, dtype=dtype), slots, lengths, scale)
+
+            def bhld(b=b):
+                q, kc, vc, *_ = cache()
+                return q.view(b, hq, 1, d), kc.transpose(1, 2), vc.transpose(1, 2)
+            cands = _ours("decode_attention", device, auto, cache)
+            cands["reference"] = compare.Candidate(get_op("decode_attention").reference, cache)
             for name, backend in sdpa_backends().items():
-                impls[name] = _sdpa_variants(backend, False, scale, rep)
-            flops = 4 * b * hq * D * ctx
-            nbytes = (2 * b * ctx * hkv + 2 * b * hq) * D * dtype.itemsize
-            yield f"decode_attention b{b} ctx{ctx}", flops, nbytes, impls, {"": rot, "sdpa": sdpa_in}
-            del rot, sdpa_in
+                cands[name] = _sdpa_chain(backend, False, scale, rep, bhld)
+            flops = 4 * b * hq * d * ctx
+            nbytes = (2 * b * ctx * hkv + 2 * b * hq) * d * dtype.itemsize
+            yield compare.Case(f"decode_attention b{b} ctx{ctx}", flops, nbytes, cands)
 
 
-def _with_compile(op, impls, compile_ok):
+def _with_reference(op, cands, make_args, compile_ok) -> dict:
     """The reference eagerly, and compiled (static shapes: the best code for this one shape)."""
     ref = get_op(op).reference
-    impls["reference eager"] = [("", None, ref)]
+    cands["reference eager"] = compare.Candidate(ref, make_args)
     if compile_ok:
-        impls["torch.compile"] = [("", None, torch.compile(ref, dynamic=False))]
-    return impls
+        cands["torch.compile"] = compare.Candidate(torch.compile(ref, dynamic=False), make_args)
+    return cands
 
 
-def rope_cases(s, dtype, compile_ok):
-    hq, hkv, max_b, max_len = s["hq"], s["hkv"], 64, 2048
-    k_cache = torch.randn(max_b, max_len, hkv, D, device="cuda", dtype=dtype)
+def rope_cases(s, sizes, device, dtype, auto, compile_ok):
+    d, hq, hkv = s["d"], s["hq"], s["hkv"]
+    max_b, max_len = sizes["cache"]
+    k_cache = torch.randn(max_b, max_len, hkv, d, device=device, dtype=dtype)  # shared: a call writes T rows of it
     v_cache = torch.randn_like(k_cache)
-    for label, T in (("decode 1", 1), ("decode 16", 16), ("decode 64", 64), ("prefill 1600", 1600)):
-        prefill = T > max_b
-        slots = torch.zeros(T, dtype=torch.long, device="cuda") if prefill else torch.arange(T, device="cuda")
-        positions = torch.arange(T, device="cuda") if prefill else torch.randint(0, max_len, (T,), device="cuda")
+    for t in sizes["rope_tokens"]:
+        prefill = t > max_b
+        slots = torch.zeros(t, dtype=torch.long, device=device) if prefill else torch.arange(t, device=device)
+        positions = torch.arange(t, device=device) if prefill else torch.randint(0, max_len, (t,), device=device)
 
-        def make(T=T, slots=slots, positions=positions):
-            q, k, v, cos, sin = (torch.randn(T, n, D, device="cuda", dtype=dtype) for n in (hq, hkv, hkv, 1, 1))
-            return q, k, v, cos.view(T, D), sin.view(T, D), k_cache, v_cache, slots, positions
-        impls = {name: [("", None, f)] for name, f in fast_impls("rope_kv_write", "cuda").items()}
-        nbytes = (2 * T * hq * D + 4 * T * hkv * D + 2 * T * D) * dtype.itemsize  # q r/w; k, v read + cache write
-        yield f"rope_kv_write {label}", 0, nbytes, _with_compile("rope_kv_write", impls, compile_ok), \
-            {"": harness.make_rotating_inputs(make)}
-
-
-def norm_mlp_cases(s, dtype, compile_ok):
-    h, inter = s["hidden"], s["mlp"]
-    w_norm = torch.randn(h, device="cuda", dtype=dtype)
-    for M in (1, 16, 64, 1600):
-        def make_norm(M=M):
-            return (torch.randn(M, h, device="cuda", dtype=dtype), torch.randn(M, h, device="cuda", dtype=dtype),
-                    w_norm, 1e-6)
-        impls = {name: [("", None, f)] for name, f in fast_impls("add_rms_norm", "cuda").items()}
-        yield f"add_rms_norm {M}x{h}", 0, (4 * M * h + h) * dtype.itemsize, \
-            _with_compile("add_rms_norm", impls, compile_ok), {"": harness.make_rotating_inputs(make_norm)}
-
-        def make_mlp(M=M):
-            return (torch.randn(M, h, device="cuda", dtype=dtype),
-                    torch.randn(2 * inter, h, device="cuda", dtype=dtype) * 0.02, None)
-        impls = {name: [("", None, f)] for name, f in fast_impls("linear_swiglu", "cuda").items()}
-        yield f"linear_swiglu {M}x{h}->2x{inter}", 2 * M * h * 2 * inter, \
-            (M * h + 2 * inter * h + M * inter) * dtype.itemsize, _with_compile("linear_swiglu", impls, compile_ok), \
-            {"": harness.make_rotating_inputs(make_mlp)}
+        def make(t=t, slots=slots, positions=positions):
+            q, k, v, cos, sin = (torch.randn(t, n, d, device=device, dtype=dtype) for n in (hq, hkv, hkv, 1, 1))
+            return q, k, v, cos.view(t, d), sin.view(t, d), k_cache, v_cache, slots, positions
+        cands = _with_reference("rope_kv_write", _ours("rope_kv_write", device, auto, make), make, compile_ok)
+        nbytes = (2 * t * hq * d + 4 * t * hkv * d + 2 * t * d) * dtype.itemsize  # q r/w; k, v read + cache write
+        yield compare.Case(f"rope_kv_write {'prefill' if prefill else 'decode'} {t}", 0, nbytes, cands)
 
 
-def time_impl(alternatives, inputs, reps):
-    """Time the first alternative (tag, prep, fn) that runs; returns (tag, timing) or (None, {"error": ...})."""
-    err = None
-    for tag, prep, fn in alternatives:
-        args = inputs["sdpa" if tag in ("gqa", "repeat-kv") else ""]
-        try:
-            if prep is not None:
-                args = [prep(*a) for a in args]  # outside the timed region
-            with torch.inference_mode():
-                return tag, harness.time_fn(fn, warmup=3, rep=reps, inputs=args, device="cuda")
-        except Exception as e:  # a backend that does not take this shape / layout: try the next, then record
-            err = f"{tag + ': ' if tag else ''}{type(e).__name__}: {str(e)[:200]}"
-        finally:
-            del args
-    return None, {"error": err}
+def norm_cases(s, sizes, device, dtype, auto, compile_ok):
+    h = s["hidden"]
+    w = torch.randn(h, device=device, dtype=dtype)
+    for m in sizes["norm_rows"]:
+        def make(m=m):
+            return torch.randn(m, h, device=device, dtype=dtype), torch.randn(m, h, device=device, dtype=dtype), w, 1e-6
+        cands = _with_reference("add_rms_norm", _ours("add_rms_norm", device, auto, make), make, compile_ok)
+        yield compare.Case(f"add_rms_norm {m}x{h}", 0, (4 * m * h + h) * dtype.itemsize, cands)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bfloat16 (float32 with --smoke)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-auto", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU test of the script, not of speed)")
+    p.add_argument("--out-dir", default="bench/results")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("float32" if args.smoke else "bfloat16")
+    return args
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--out-dir", default="bench/results")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_llm_kernels needs CUDA")
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    cuda = device.type == "cuda"
+    if not cuda and not args.smoke:
+        print("bench_llm_kernels needs a CUDA device (or --smoke for the CPU test of the script)")
         return 1
     for knob in ("recompile_limit", "cache_size_limit"):  # one compiled reference per shape: allow them all
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 256)
-    dtype, compile_ok = getattr(torch, args.dtype), not args.no_compile
-    ceilings = roofline.device_ceilings("cuda", dtype)
-    rows = []
-    for shape in args.shapes:
-        s = SHAPES[shape]
-        groups = (prefill_attention_cases(s, dtype), decode_attention_cases(s, dtype),
-                  rope_cases(s, dtype, compile_ok), norm_mlp_cases(s, dtype, compile_ok))
-        for group in groups:
-            for label, flops, nbytes, impls, inputs in group:
-                label = f"{shape} {label}"
-                times = {}
-                for name, alternatives in impls.items():
-                    tag, t = time_impl(alternatives, inputs, args.reps)
-                    times[f"{name}[{tag}]" if tag else name] = t
-                del inputs
-                torch.cuda.empty_cache()
-                ok = {n: t["median_ms"] for n, t in times.items() if "median_ms" in t}
-                alts = {n: ms for n, ms in ok.items() if not n.startswith("ours")}
-                best = min(alts.items(), key=lambda kv: kv[1]) if alts else None
-                for name, t in times.items():
-                    row = dict(shape=shape, kernel=label, impl=name, flops=flops, bytes=nbytes, **t)
-                    if "median_ms" in t:
-                        row.update(roofline.roofline_fraction(flops, nbytes, t["median_ms"], ceilings))
-                        if best and name.startswith("ours"):
-                            row.update(speedup_vs_best_alternative=best[1] / t["median_ms"], best_alternative=best[0])
-                    rows.append(row)
-                    ms = f"{t['median_ms']:9.4f}" if "median_ms" in t else f"{'error':>9s}"
-                    roof = f"{row['pct_of_roofline']:6.1f}%" if "pct_of_roofline" in row else "      -"
-                    sp = f"x{row['speedup_vs_best_alternative']:.2f} vs {best[0]}" if "best_alternative" in row else ""
-                    print(f"{label:44s} {name:26s} {ms} ms {roof}  {sp}", flush=True)
-    path = results.write_result("llm_kernels", dict(dtype=args.dtype, shapes={k: SHAPES[k] for k in args.shapes},
-                                                    ceilings=ceilings, rows=rows), out_dir=args.out_dir)
-    print("result:", path)
+    shapes = {"tiny": SMOKE_SHAPE} if args.smoke else {k: SHAPES[k] for k in args.shapes}
+    sizes = SMOKE if args.smoke else REAL
+    compile_ok = cuda and not args.no_compile
+    ceilings = roofline.device_ceilings(device, dtype)
+    auto = None if args.no_auto else compare.auto_table(device)
+    out = results.ResultFile("llm_kernels", args.out_dir)
+    payload = dict(dtype=args.dtype, device=str(device), cpu_smoke=not cuda, shapes=shapes, reps=args.reps,
+                   ceilings=ceilings, l2_bytes=harness.l2_cache_bytes(device))
+
+    def cases():
+        for name, s in shapes.items():
+            for group in (prefill_attention_cases(s, sizes, device, dtype, auto),
+                          decode_attention_cases(s, sizes, device, dtype, auto),
+                          rope_cases(s, sizes, device, dtype, auto, compile_ok),
+                          norm_cases(s, sizes, device, dtype, auto, compile_ok)):
+                for case in group:
+                    case.label, case.meta = f"{name} {case.label}", dict(shape=name)
+                    yield case
+
+    def after_case(case, rows, summary):
+        if auto is not None and hasattr(auto, "dispatch_report"):
+            payload["dispatch_report"] = auto.dispatch_report()
+    compare.run_cases(cases(), ceilings, out, payload, device=device, warmup=args.warmup, rep=args.reps,
+                      on_case=after_case)
+    print("result:", out.finish(payload))
     return 0
 
 

@@ -1,15 +1,27 @@
-"""Full-model forward (prefill logits): ours (torch reference backend) vs transformers (SDPA), side by side.
+"""Full-model forward (prefill logits): ours (the default `auto` path) vs transformers (SDPA) and transformers
+under torch.compile, side by side.
 
 What is measured: one call `model(input_ids, attention_mask, pixel_values, image_grid_thw)` returning logits
 for every position, batch 1: the vision tower on one image (default 1344x896 -> 6144 patches -> 1536 merged
-tokens), then the decoder prefill over text + image tokens. Both models load the same random-weight checkpoint
-in one process, one at a time (each is freed before the next loads). Device time is the median of `--reps`
-calls after warm-up (CUDA events); no input rotation: gigabytes of weights stream through L2 anyway.
-Reported: median/p20/p80 ms, speedup (transformers ms / ours ms), TFLOP/s against the measured matmul ceiling
-(bench/flops.py counts the FLOPs), peak memory, and how far our logits are from transformers'.
+tokens), then the decoder prefill over text + image tokens. Every model loads the same random-weight checkpoint
+in one process, one at a time (each is freed before the next loads).
+- ours: `qwen2vl_fast.load(backend="auto")`, what a user gets: per op and shape the implementation the measured
+  dispatch finds fastest here; `qwen2vl_fast.tune(model, inputs)` runs first where the package has it, so no
+  timed call measures (its time and report are in the result);
+- transformers: `from_pretrained(attn_implementation="sdpa")`, eager;
+- transformers-compile: the same model through `torch.compile(model, mode=--compile-mode)` (CUDA only unless
+  --compile is given); the first call, which compiles, is timed apart (`compile_s`) and kept out of the timing.
+  No static cache here: this is a single prefill with use_cache=False (bench_generate.py times the decode with a
+  static cache + compile).
+Timing: the same for every side, CUDA events around each call, median of `--reps` after `--warmup`: an end-to-end
+figure, host work included (what a caller waits for); no input rotation: gigabytes of weights stream through L2.
+Reported: median/p20/p80 ms, speedups (their ms / ours), TFLOP/s and % of the measured bf16 matmul rate
+(bench/flops.py counts the FLOPs; roofline against each weight read once), peak memory, and how far our logits
+are from transformers'.
 
     python bench/bench_model_forward.py [--preset qwen2-vl-2b] [--image 1344x896] [--text-tokens 64]
-        [--dtype bfloat16] [--device cuda] [--checkpoint DIR] [--reps N] [--skip-transformers]
+        [--dtype bfloat16] [--device cuda] [--checkpoint DIR] [--reps N] [--skip-transformers] [--skip-compile]
+        [--compile-mode default] [--backend auto] [--skip-tune]
 CPU smoke test: --preset tiny-qwen2-vl --image 56x84 --text-tokens 8 --device cpu --dtype float32 --reps 2
 """
 
@@ -62,8 +74,18 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--backend", default="auto", help="our op backend: auto (the default path) | triton | cuda | torch")
+    p.add_argument("--skip-tune", action="store_true", help="do not call qwen2vl_fast.tune before timing")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="time transformers under torch.compile too (default: on CUDA only)")
+    p.add_argument("--skip-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode for transformers (max-autotune-no-cudagraphs: minutes more)")
     p.add_argument("--out-dir", default="bench/results", help="result JSON folder (relative: to the repo root)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.compile is None:
+        args.compile = torch.device(args.device).type == "cuda"
+    return args
 
 
 def ensure_checkpoint(preset: str, dtype: torch.dtype, seed: int = 0) -> str:
@@ -115,8 +137,8 @@ def build_inputs(cfg, width: int, height: int, text_tokens: int, seed: int) -> d
                 image_grid_thw=torch.tensor([[1, gh, gw]]))
 
 
-def load_ours(ckpt, device, dtype, model_type):
-    return qwen2vl_fast.load(ckpt, device=device, dtype=dtype, backend="torch")
+def load_ours(ckpt, device, dtype, backend="auto"):
+    return qwen2vl_fast.load(ckpt, device=device, dtype=dtype, backend=backend)
 
 
 def load_transformers(ckpt, device, dtype, model_type):
@@ -135,30 +157,87 @@ def free_memory(device: str):
         torch.cuda.empty_cache()
 
 
-def run_impl(name, loader, args, ckpt, model_type, inputs, extra_kwargs):
-    """Load, check one call, time, free. Returns (report dict, logits on CPU in float32 or None)."""
-    report, logits, model = dict(impl=name), None, None
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_forward(call, args, report: dict) -> torch.Tensor:
+    """One checked call (also a warm-up), then `reps` timed calls: CUDA events around each call on an idle queue,
+    the same for every implementation: an end-to-end figure, host work included (what a caller waits for).
+    Returns the logits of the first call (CPU, float32)."""
     cuda = torch.device(args.device).type == "cuda"
-    try:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
         t0 = time.perf_counter()
-        model = loader(ckpt, args.device, DTYPES[args.dtype], model_type)
+        logits = call().logits.float().cpu()
+        report["first_call_s"] = time.perf_counter() - t0
+        report["timing"] = harness.time_fn(call, warmup=args.warmup, rep=args.reps, device=args.device,
+                                           method="events")
+    report["logits_shape"] = list(logits.shape)
+    if cuda:
+        report["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return logits
+
+
+def tune_ours(model, inputs: dict) -> dict:
+    """`qwen2vl_fast.tune` at this input's shapes, where the package has it (the measured dispatch measures every
+    raced op once here, so no timed call measures); {"tune_s", "tune_report"} or {} when there is none."""
+    if not hasattr(qwen2vl_fast, "tune"):
+        return {}
+    t0 = time.perf_counter()
+    report = qwen2vl_fast.tune(model, inputs)
+    return dict(tune_s=time.perf_counter() - t0, tune_report=report)
+
+
+def run_ours(args, ckpt, inputs) -> tuple[dict, dict]:
+    """Load with our default path (backend "auto": the measured dispatch), tune, time, free."""
+    report, logits, model = dict(impl="ours", backend=args.backend), None, None
+    try:
+        t0 = time.perf_counter()
+        model = load_ours(ckpt, args.device, DTYPES[args.dtype], args.backend)
         report["load_s"] = time.perf_counter() - t0
+        report["chosen"] = dict(getattr(model.ops, "chosen", {}))
         dev_inputs = {k: v.to(args.device) for k, v in inputs.items()}
-        with torch.inference_mode():
-            call = lambda: model(**dev_inputs, **extra_kwargs)  # noqa: E731
-            logits = call().logits.float().cpu()  # the first call is also a warm-up
-            report["timing"] = harness.time_fn(call, warmup=args.warmup, rep=args.reps, device=args.device)
-        report["logits_shape"] = list(logits.shape)
-        if cuda:
-            report["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    except Exception as e:  # keep going: the other implementation's numbers are still worth the GPU call
+        if not args.skip_tune:
+            report.update(tune_ours(model, dev_inputs))
+        logits = time_forward(lambda: model(**dev_inputs), args, report)
+    except Exception as e:  # keep going: the other implementations' numbers are still worth the GPU call
         traceback.print_exc()
         report["error"] = f"{type(e).__name__}: {e}"
     del model
     free_memory(args.device)
-    return report, logits
+    return {"ours": report}, {"ours": logits}
+
+
+def run_transformers(args, ckpt, model_type, inputs, hf_kwargs) -> tuple[dict, dict]:
+    """transformers with SDPA attention eagerly, then the same model under torch.compile (its compile timed
+    apart, as first_call_s, and kept out of the timing)."""
+    reports, logits, model = {}, {}, None
+    eager = dict(impl="transformers", attn="sdpa")
+    try:
+        t0 = time.perf_counter()
+        model = load_transformers(ckpt, args.device, DTYPES[args.dtype], model_type)
+        eager["load_s"] = time.perf_counter() - t0
+        dev_inputs = {k: v.to(args.device) for k, v in inputs.items()}
+        reports["transformers"] = eager
+        logits["transformers"] = time_forward(lambda: model(**dev_inputs, **hf_kwargs), args, eager)
+        if args.compile:
+            compiled_report = dict(impl="transformers-compile", attn="sdpa", compile_mode=args.compile_mode)
+            reports["transformers-compile"] = compiled_report
+            compiled = torch.compile(model, mode=args.compile_mode)
+            logits["transformers-compile"] = time_forward(lambda: compiled(**dev_inputs, **hf_kwargs), args,
+                                                          compiled_report)
+            compiled_report["compile_s"] = compiled_report["first_call_s"]
+    except Exception as e:
+        traceback.print_exc()
+        failed = next((r for r in reversed(list(reports.values())) if "timing" not in r), None) or eager
+        failed["error"] = f"{type(e).__name__}: {e}"
+        reports.setdefault(failed["impl"], failed)
+    del model
+    free_memory(args.device)
+    return reports, logits
 
 
 def compare_logits(ours: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -169,6 +248,27 @@ def compare_logits(ours: torch.Tensor, ref: torch.Tensor) -> dict:
     return dict(max_abs=d.max().item(), max_rel=(d.max() / ref.abs().max()).item(),
                 rel_l2=((ours - ref).norm() / ref.norm()).item(), nan_ours=int(ours.isnan().sum()),
                 top1_agree=(ours.argmax(-1) == ref.argmax(-1)).float().mean().item())
+
+
+def add_rates(reports: dict, count: dict, weight_bytes: int, ceilings) -> None:
+    """TFLOP/s of each timed implementation and where it sits under the measured roofline."""
+    for r in reports.values():
+        t = r.get("timing")
+        if not t:
+            continue
+        r["tflops"] = count["total"] / (t["median_ms"] * 1e-3) / 1e12
+        if ceilings:
+            r["roofline"] = roofline.roofline_fraction(count["total"], weight_bytes, t["median_ms"], ceilings)
+            r["pct_of_matmul"] = r["roofline"]["pct_of_tflops"]
+
+
+def speedups(reports: dict) -> dict:
+    """{"vs_<impl>": their ms / our ms} for every timed transformers variant."""
+    ours = reports.get("ours", {}).get("timing")
+    if not ours:
+        return {}
+    return {f"vs_{name}": r["timing"]["median_ms"] / ours["median_ms"]
+            for name, r in reports.items() if name != "ours" and r.get("timing")}
 
 
 def main(argv=None) -> int:
@@ -182,39 +282,38 @@ def main(argv=None) -> int:
     count = flops.forward_flops(cfg, inputs["image_grid_thw"].tolist(), seq_len)
     weight_bytes = (sum(flops.vision_matmul_params(cfg.vision).values()) + flops.text_matmul_params(cfg.text)) \
         * dtype.itemsize  # the fewest bytes: each weight read once (activations are smaller)
-    cuda = torch.device(args.device).type == "cuda"
-    ceilings = roofline.device_ceilings(args.device, dtype) if cuda else None  # before the models take memory
+    ceilings = roofline.device_ceilings(args.device, dtype)  # before the models take memory
     free_memory(args.device)
 
-    impls = [("ours", load_ours, {})]
+    out = results.ResultFile("model_forward", args.out_dir)  # rewritten after each side: a timeout keeps ours
+
+    def payload(reports: dict, logits: dict) -> dict:
+        add_rates(reports, count, weight_bytes, ceilings)
+        sp = speedups(reports)
+        diff = compare_logits(logits["ours"], logits["transformers"]) \
+            if logits.get("ours") is not None and logits.get("transformers") is not None else None
+        return dict(preset=args.preset, model_type=cfg.model_type, checkpoint=ckpt, random_weights=not args.checkpoint,
+                    dtype=args.dtype, device=args.device, cpu_smoke=torch.device(args.device).type != "cuda",
+                    image=[width, height], image_grid_thw=inputs["image_grid_thw"].tolist(),
+                    text_tokens=args.text_tokens, seq_len=seq_len, warmup=args.warmup, reps=args.reps,
+                    timing_method="cuda-events per call (end to end, host work included)", flops=count,
+                    weight_bytes=weight_bytes, ceilings=ceilings, impls=reports, speedups=sp,
+                    speedup_transformers_over_ours=sp.get("vs_transformers"), logits_diff=diff)
+
+    reports, logits = run_ours(args, ckpt, inputs)
+    out.update(payload(reports, logits))
     if not args.skip_transformers:  # use_cache=False: prefill logits only, as ours computes
         from qwen2vl_fast.testing.hf_compat import mm_token_type_ids, transformers_major
 
         hf_kw = dict(use_cache=False)
         if transformers_major() >= 5:  # transformers 5 needs the per-token modality its processor returns
             hf_kw["mm_token_type_ids"] = mm_token_type_ids(inputs["input_ids"]).to(args.device)
-        impls.append(("transformers", load_transformers, hf_kw))
-    reports, logits = {}, {}
-    for name, loader, kw in impls:
-        reports[name], logits[name] = run_impl(name, loader, args, ckpt, cfg.model_type, inputs, kw)
-        t = reports[name].get("timing")
-        if t:
-            reports[name]["tflops"] = count["total"] / (t["median_ms"] * 1e-3) / 1e12
-            if ceilings:
-                reports[name]["roofline"] = roofline.roofline_fraction(count["total"], weight_bytes,
-                                                                       t["median_ms"], ceilings)
-    both = [reports.get(k, {}).get("timing") for k in ("ours", "transformers")]
-    speedup = both[1]["median_ms"] / both[0]["median_ms"] if all(both) else None
-    diff = compare_logits(logits["ours"], logits["transformers"]) \
-        if logits.get("ours") is not None and logits.get("transformers") is not None else None
-
-    payload = dict(preset=args.preset, model_type=cfg.model_type, checkpoint=ckpt,
-                   random_weights=not args.checkpoint, dtype=args.dtype, device=args.device, image=[width, height],
-                   image_grid_thw=inputs["image_grid_thw"].tolist(), text_tokens=args.text_tokens, seq_len=seq_len,
-                   warmup=args.warmup, reps=args.reps, flops=count, weight_bytes=weight_bytes, ceilings=ceilings,
-                   impls=reports, speedup_transformers_over_ours=speedup, logits_diff=diff)
-    path = results.write_result("model_forward", payload, args.out_dir)
-    print_table(payload, path)
+        hf_reports, hf_logits = run_transformers(args, ckpt, cfg.model_type, inputs, hf_kw)
+        reports.update(hf_reports)
+        logits.update(hf_logits)
+    final = payload(reports, logits)
+    path = out.finish(final)
+    print_table(final, path)
     return 1 if any("error" in r for r in reports.values()) else 0
 
 
@@ -226,19 +325,19 @@ def print_table(p: dict, path) -> None:
     if p["ceilings"]:
         c = p["ceilings"]
         print(f"ceilings: {c['tflops']:.0f} TFLOP/s ({c['dtype']} matmul)  {c['gbps']:.0f} GB/s (copy)")
-    print(f"{'impl':<14}{'median ms':>11}{'p20':>10}{'p80':>10}{'TFLOP/s':>10}{'% matmul':>10}"
-          f"{'peak GiB':>10}{'load s':>8}")
+    print(f"{'impl':<22}{'median ms':>11}{'p20':>10}{'p80':>10}{'TFLOP/s':>10}{'% matmul':>10}"
+          f"{'peak GiB':>10}{'1st call s':>11}")
     for name, r in p["impls"].items():
         if "error" in r:
-            print(f"{name:<14}FAILED: {r['error'][:100]}")
+            print(f"{name:<22}FAILED: {r['error'][:100]}")
             continue
         t, roof = r["timing"], r.get("roofline") or {}
         pct = f"{roof['pct_of_tflops']:.1f}" if roof else "-"
         peak = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
-        print(f"{name:<14}{t['median_ms']:>11.2f}{t['p20_ms']:>10.2f}{t['p80_ms']:>10.2f}{r['tflops']:>10.3g}"
-              f"{pct:>10}{peak:>10}{r['load_s']:>8.1f}")
-    if p["speedup_transformers_over_ours"]:
-        print(f"speedup (transformers ms / ours ms): {p['speedup_transformers_over_ours']:.2f}x")
+        print(f"{name:<22}{t['median_ms']:>11.2f}{t['p20_ms']:>10.2f}{t['p80_ms']:>10.2f}{r['tflops']:>10.3g}"
+              f"{pct:>10}{peak:>10}{r['first_call_s']:>11.1f}")
+    for name, x in p["speedups"].items():
+        print(f"speedup {name} (their ms / our ms): {x:.2f}x")
     d = p["logits_diff"]
     if d and "error" not in d:
         print(f"logits vs transformers: max|d| {d['max_abs']:.3e}  max|d|/max|ref| {d['max_rel']:.3e}  "

@@ -1,19 +1,29 @@
-"""Each vision kernel against the best PyTorch alternative, at the real shapes of one 1344x896 image.
+"""Each vision kernel other than the GEMMs against the best PyTorch alternative, at the shapes of one 1344x896 image.
 
-Shapes: 6144 patches (grid 1x64x96), ViT width 1280, 16 heads of 80, MLP 5120 (Qwen2-VL) / 3420 (Qwen2.5-VL),
-merger 5120 -> 1536; windows from the real Qwen2.5-VL window metadata (96 windows of <= 64 tokens).
-Alternatives: SDPA with each backend (flash, efficient, cudnn, math) and transformers' per-window loop for
-attention; cuBLAS (F.linear) for GEMMs; eager and `torch.compile` of the reference for norms, rotary, merger.
-Reported: median ms (CUDA events, L2-rotating inputs for the memory-bound ops), TFLOP/s or GB/s against the
-measured ceilings, speedup over the best alternative. JSON under bench/results/.
+Shapes: 6144 patches (grid 1x64x96), ViT width 1280, 16 heads of 80; windows from the real Qwen2.5-VL window
+metadata (96 windows of <= 64 tokens). The ViT's GEMMs (qkv, proj, fc1/gate-up, fc2/down, merger) are in
+bench/bench_gemm.py.
+- varlen_attention, full (1 x 6144) and windowed. Alternatives: SDPA with each backend (flash, efficient, cudnn,
+  math) on the padded (B, H, L, D) batch (the best SDPA can do for varlen) and transformers' per-segment loop.
+- patch_embed (the Conv3d as a GEMM from float32 pixels): cuBLAS on the pixels cast to the model dtype.
+- patch_embed_frames (normalise + patchify + GEMM straight from uint8 frames), add_layer_norm, add_rms_norm,
+  vision_rotary: the op's reference eagerly and under torch.compile.
+Ours: every fast implementation that runs here, and "auto" (the runtime's measured dispatch).
+Timing and fairness (bench/compare.py): one method for every candidate of a case (CUDA-graph replays, else a
+pre-filled queue); memory-bound cases (the norms, rotary, the windowed attention: intensity under the measured
+ridge) read inputs rotated past 2x L2. Reported: median / p20 / p80 ms, TFLOP/s or GB/s, % of the measured
+roofline, speedup over the best alternative. JSON: "vision_kernels", written case by case.
 
-    python bench/bench_vision_kernels.py [--dtype bfloat16] [--reps 50] [--no-compile]
+    python bench/bench_vision_kernels.py [--dtype bfloat16] [--reps 30] [--no-compile]
+CPU smoke (tiny shapes, float32; ours only under TRITON_INTERPRET=1):
+    TRITON_INTERPRET=1 python bench/bench_vision_kernels.py --smoke --device cpu --reps 2
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +36,7 @@ if __package__ in (None, ""):
     import qwen2vl_fast  # noqa: F401
     sys.path.remove(_ROOT)
 
-from bench import harness, results, roofline
+from bench import compare, harness, results, roofline
 from bench.harness import fast_impls
 from qwen2vl_fast.config import parse_config
 from qwen2vl_fast.ops import get_op
@@ -34,8 +44,27 @@ from qwen2vl_fast.positions import vision_metadata
 from qwen2vl_fast.presets import preset_config
 from qwen2vl_fast.processing.patchify import CLIP_MEAN, CLIP_STD
 
-S, E, H, D = 6144, 1280, 16, 80
-GRID = [[1, 64, 96]]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PATCH_DIM = 1176  # 3 x 2 x 14 x 14
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    grid: tuple  # (t, h, w) in patches
+    heads: int = 16
+    head_dim: int = 80
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+
+REAL = VisionShape((1, 64, 96))
+SMOKE = VisionShape((1, 4, 8), heads=2, head_dim=16)
 
 
 def sdpa_backends():
@@ -45,127 +74,140 @@ def sdpa_backends():
             "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
 
 
-def sdpa_call(q, k, v, backend, scale):
+def sdpa_with(backend, scale, **kw):
+    """F.scaled_dot_product_attention restricted to one backend (it raises where that backend cannot run)."""
     from torch.nn.attention import sdpa_kernel
 
-    def run():
+    def run(q, k, v):
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
     return run
 
 
-def attention_cases(device, dtype):
-    scale = D ** -0.5
-    qkv = torch.randn(S, 3 * H * D, device=device, dtype=dtype)
-    q, k, v = qkv.view(S, 3, H, D).unbind(1)
-    cfg = parse_config(preset_config("qwen2.5-vl-7b"))
-    metas = {"full (1 x 6144)": vision_metadata(cfg, torch.tensor(GRID), device).full,
-             "windows (96 x <=64)": vision_metadata(cfg, torch.tensor(GRID), device).window}
-    for label, meta in metas.items():
-        impls = {name: (lambda f=f, m=meta: f(q, k, v, m, scale)) for name, f in fast_impls("varlen_attention",
-                                                                                           device).items()}
-        # transformers' loop: one SDPA per segment
-        starts = torch.tensor([0, *meta.lengths]).cumsum(0).tolist()
-        qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-
-        def loop(m=meta, st=starts):
-            return [F.scaled_dot_product_attention(qt[..., a:b, :], kt[..., a:b, :], vt[..., a:b, :], scale=scale)
-                    for a, b in zip(st[:-1], st[1:])]
-        impls["transformers-loop"] = loop
-        if len(set(meta.lengths)) == 1 or label.startswith("windows"):
-            n, L = len(meta.lengths), max(meta.lengths)  # padded batch: the best SDPA can do for varlen
-            qb, kb, vb = (torch.randn(n, H, L, D, device=device, dtype=dtype) for _ in range(3))
-            for name, backend in sdpa_backends().items():
-                impls[name] = sdpa_call(qb, kb, vb, backend, scale)
-        flops = sum(4 * n * n * D * H for n in meta.lengths)
-        yield f"varlen_attention {label}", flops, 4 * S * H * D * dtype.itemsize, impls
+def _ours(op, device, auto, make_args) -> dict:
+    cands = {name: compare.Candidate(fn, make_args, "ours") for name, fn in fast_impls(op, device).items()}
+    if auto is not None:
+        cands["auto"] = compare.Candidate(getattr(auto, op), make_args, "auto")
+    return cands
 
 
-def gemm_cases(device, dtype, compile_ok):
-    x = torch.randn(S, E, device=device, dtype=dtype)
-    for label, n, op, extra in (("qkv 1280->3840", 3 * E, "linear", ()),
-                                ("fc1+quick_gelu 1280->5120", 5120, "linear_act", ("quick_gelu",)),
-                                ("gate/up+swiglu 1280->2x3420", 2 * 3420, "linear_swiglu", ()),
-                                ("patch_embed 1176->1280", E, "patch_embed", None)):
-        if op == "patch_embed":
-            a = torch.randn(S, 1176, device=device, dtype=torch.float32)
-            w = torch.randn(E, 1176, device=device, dtype=dtype) * 0.02
-            impls = {k: (lambda f=f: f(a, w)) for k, f in fast_impls(op, device).items()}
-            impls["cublas F.linear"] = lambda: F.linear(a.to(dtype), w)
-            yield label, 2 * S * 1176 * E, (a.numel() * 4 + w.numel() * 2 + S * E * 2), impls
-            continue
-        w = torch.randn(n, E, device=device, dtype=dtype) * 0.02
-        b = torch.randn(n, device=device, dtype=dtype)
+def attention_cases(vs: VisionShape, device, dtype, auto):
+    s, h, d = vs.tokens, vs.heads, vs.head_dim
+    scale = d ** -0.5
+    cfg = parse_config(preset_config("qwen2.5-vl-7b"))  # the window metadata of the real model
+    meta_all = vision_metadata(cfg, torch.tensor([list(vs.grid)]), device)
+    for label, meta in ((f"full (1 x {s})", meta_all.full), (f"windows ({len(meta_all.window.lengths)} x "
+                                                             f"<={max(meta_all.window.lengths)})", meta_all.window)):
+        def packed(meta=meta):  # q, k, v views of one (S, 3, H, D) projection, as the tower produces them
+            q, k, v = torch.randn(s, 3, h, d, device=device, dtype=dtype).unbind(1)
+            return q, k, v, meta, scale
+
+        def transposed():
+            q, k, v = torch.randn(s, 3, h, d, device=device, dtype=dtype).unbind(1)
+            return tuple(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        bounds = torch.tensor([0, *meta.lengths]).cumsum(0).tolist()
+
+        def loop(q, k, v, bounds=bounds):  # transformers' sdpa path: one SDPA call per segment
+            return [F.scaled_dot_product_attention(q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], scale=scale)
+                    for a, b in zip(bounds[:-1], bounds[1:])]
+        n, longest = len(meta.lengths), max(meta.lengths)
+
+        def padded(n=n, longest=longest):
+            return tuple(torch.randn(n, h, longest, d, device=device, dtype=dtype) for _ in range(3))
+        cands = _ours("varlen_attention", device, auto, packed)
+        cands["transformers-loop"] = compare.Candidate(loop, transposed)
+        for name, backend in sdpa_backends().items():
+            cands[name] = compare.Candidate(sdpa_with(backend, scale), padded)
+        flops = sum(4 * n * n * d * h for n in meta.lengths)
+        yield compare.Case(f"varlen_attention {label}", flops, 4 * s * h * d * dtype.itemsize, cands)
+
+
+def _reference_cases(vs: VisionShape, device, dtype, compile_ok):
+    """(op, label, make_args, flops, bytes, compile?) of the ops timed against their own reference."""
+    s, e, d = vs.tokens, vs.width, vs.head_dim
+    dsize, (_, gh, gw) = dtype.itemsize, vs.grid
+
+    def norm_args(with_bias):
+        def make():
+            x, residual = torch.randn(s, e, device=device, dtype=dtype), torch.randn(s, e, device=device, dtype=dtype)
+            w, b = torch.randn(e, device=device, dtype=dtype), torch.randn(e, device=device, dtype=dtype)
+            return (x, residual, w, b, 1e-6) if with_bias else (x, residual, w, 1e-6)
+        return make
+
+    def rotary_args():
+        return (torch.randn(s, 3 * e, device=device, dtype=dtype), torch.randn(s, d, device=device),
+                torch.randn(s, d, device=device), vs.heads)
+
+    def pixels_args():
+        return (torch.randn(s, PATCH_DIM, device=device), torch.randn(e, PATCH_DIM, device=device, dtype=dtype) * 0.02)
+
+    def frames_args():  # one image: one resized uint8 frame (the op repeats it to the temporal patch of 2)
+        frames = torch.randint(0, 256, (1, 3, 14 * gh, 14 * gw), dtype=torch.uint8, device=device)
+        return frames, torch.randn(e, PATCH_DIM, device=device, dtype=dtype) * 0.02, CLIP_MEAN, CLIP_STD
+    gemm_flops = 2 * s * PATCH_DIM * e
+    yield ("add_layer_norm", f"add_layer_norm {s}x{e}", norm_args(True), 0, 4 * s * e * dsize, compile_ok)
+    yield ("add_rms_norm", f"add_rms_norm {s}x{e}", norm_args(False), 0, 4 * s * e * dsize, compile_ok)
+    yield ("vision_rotary", f"vision_rotary {s}x{vs.heads}x{d}", rotary_args, 0,
+           4 * s * e * dsize + 2 * s * d * 4, compile_ok)  # q and k read and written in place; fp32 cos, sin
+    yield ("patch_embed", f"patch_embed {s}x{PATCH_DIM}->{e}", pixels_args, gemm_flops,
+           s * PATCH_DIM * 4 + e * PATCH_DIM * dsize + s * e * dsize, False)
+    yield ("patch_embed_frames", f"patch_embed_frames {14 * gw}x{14 * gh}", frames_args, gemm_flops,
+           3 * 14 * gh * 14 * gw + e * PATCH_DIM * dsize + s * e * dsize, False)
+
+
+def reference_cases(vs: VisionShape, device, dtype, auto, compile_ok):
+    for op, label, make, flops, nbytes, compiled in _reference_cases(vs, device, dtype, compile_ok):
         ref = get_op(op).reference
-        impls = {k: (lambda f=f: f(x, w, b, *extra)) for k, f in fast_impls(op, device).items()}
-        impls["cublas eager"] = lambda: ref(x, w, b, *extra)
-        if compile_ok:
-            compiled = torch.compile(ref)
-            impls["torch.compile"] = lambda: compiled(x, w, b, *extra)
-        yield label, 2 * S * E * n, (x.numel() + w.numel() + S * n) * dtype.itemsize, impls
+        cands = _ours(op, device, auto, make)
+        cands["torch-eager"] = compare.Candidate(ref, make)
+        if compiled:
+            cands["torch-compile"] = compare.Candidate(torch.compile(ref, dynamic=False), make)
+        yield compare.Case(label, flops, nbytes, cands)
 
 
-def memory_bound_cases(device, dtype, compile_ok):
-    x, r = torch.randn(S, E, device=device, dtype=dtype), torch.randn(S, E, device=device, dtype=dtype)
-    w, b = torch.randn(E, device=device, dtype=dtype), torch.randn(E, device=device, dtype=dtype)
-    qkv = torch.randn(S, 3 * E, device=device, dtype=dtype)
-    cos, sin = torch.randn(S, D, device=device), torch.randn(S, D, device=device)
-    frames = torch.randint(0, 256, (1, 3, 896, 1344), dtype=torch.uint8, device=device)
-    pw = torch.randn(E, 1176, device=device, dtype=dtype) * 0.02
-    cases = (("add_layer_norm 6144x1280", "add_layer_norm", (x, r, w, b, 1e-6), 4 * S * E * dtype.itemsize),
-             ("add_rms_norm 6144x1280", "add_rms_norm", (x, r, w, 1e-6), 4 * S * E * dtype.itemsize),
-             ("vision_rotary 6144x16x80", "vision_rotary", (qkv, cos, sin, H), 4 * S * E * dtype.itemsize + 2 * S * D * 4),
-             ("patch_embed_frames 1344x896", "patch_embed_frames", (frames, pw, CLIP_MEAN, CLIP_STD),
-              frames.numel() + pw.numel() * 2 + S * E * 2))
-    for label, op, args, nbytes in cases:
-        ref = get_op(op).reference
-        impls = {k: (lambda f=f, a=args: f(*a)) for k, f in fast_impls(op, device).items()}
-        impls["torch eager"] = lambda a=args: ref(*a)
-        if compile_ok and op != "patch_embed_frames":
-            compiled = torch.compile(ref)
-            impls["torch.compile"] = lambda a=args, c=compiled: c(*a)
-        yield label, 0, nbytes, impls
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bfloat16 (float32 with --smoke)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-auto", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU test of the script, not of speed)")
+    p.add_argument("--out-dir", default="bench/results")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("float32" if args.smoke else "bfloat16")
+    return args
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--out-dir", default="bench/results")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_vision_kernels needs a CUDA device")
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    cuda = device.type == "cuda"
+    if not cuda and not args.smoke:
+        print("bench_vision_kernels needs a CUDA device (or --smoke for the CPU test of the script)")
         return 1
-    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+    vs = SMOKE if args.smoke else REAL
     ceilings = roofline.device_ceilings(device, dtype)
-    rows = []
-    groups = (attention_cases(device, dtype), gemm_cases(device, dtype, not args.no_compile),
-              memory_bound_cases(device, dtype, not args.no_compile))
-    for group in groups:
-        for label, flops, nbytes, impls in group:
-            times = {}
-            for name, fn in impls.items():
-                try:
-                    with torch.inference_mode():
-                        times[name] = harness.time_fn(fn, warmup=5, rep=args.reps, device=device)
-                except Exception as e:  # a backend that does not support the shape: recorded, not fatal
-                    times[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            ok = {n: t for n, t in times.items() if "median_ms" in t}
-            alternatives = {n: t["median_ms"] for n, t in ok.items() if not n.startswith("ours")}
-            best_alt = min(alternatives.items(), key=lambda kv: kv[1]) if alternatives else None
-            for name, t in times.items():
-                row = dict(kernel=label, impl=name, **t)
-                if "median_ms" in t:
-                    row.update(roofline.roofline_fraction(flops, nbytes, t["median_ms"], ceilings))
-                    if best_alt and name.startswith("ours"):
-                        row["speedup_vs_best_alternative"] = best_alt[1] / t["median_ms"]
-                        row["best_alternative"] = best_alt[0]
-                rows.append(row)
-                ms = f"{t['median_ms']:9.3f}" if "median_ms" in t else f"{'error':>9s}"
-                print(f"{label:34s} {name:20s} {ms} ms  {row.get('speedup_vs_best_alternative', '')}")
-    print("result:", results.write_result("vision_kernels", {"dtype": args.dtype, "ceilings": ceilings, "rows": rows},
-                                          out_dir=args.out_dir))
+    auto = None if args.no_auto else compare.auto_table(device)
+    compile_ok = cuda and not args.no_compile
+    out = results.ResultFile("vision_kernels", args.out_dir)
+    payload = dict(dtype=args.dtype, device=str(device), cpu_smoke=not cuda, grid=list(vs.grid), heads=vs.heads,
+                   head_dim=vs.head_dim, reps=args.reps, ceilings=ceilings, l2_bytes=harness.l2_cache_bytes(device))
+
+    def cases():
+        yield from attention_cases(vs, device, dtype, auto)
+        yield from reference_cases(vs, device, dtype, auto, compile_ok)
+
+    def after_case(case, rows, summary):
+        if auto is not None and hasattr(auto, "dispatch_report"):
+            payload["dispatch_report"] = auto.dispatch_report()
+    compare.run_cases(cases(), ceilings, out, payload, device=device, warmup=args.warmup, rep=args.reps,
+                      on_case=after_case)
+    print("result:", out.finish(payload))
     return 0
 
 

@@ -1,23 +1,47 @@
 #!/usr/bin/env bash
-# bench/gpu_check.sh -- everything one scarce GPU call should do, in well under its 10-minute limit.
+# bench/gpu_check.sh -- everything one scarce GPU call should do, inside its 10-minute limit with margin.
 #
-# Steps: versions and nvidia-smi; offline install (which builds the CUDA extension); the GPU tests
-# (`pytest -m gpu`); the rest of the suite with QWEN2VL_FAST_TEST_DEVICE=cuda; the full-model forward
-# benchmark on the qwen2-vl-2b and qwen2.5-vl-3b presets. Each step runs under `timeout`, inside one overall
-# budget; a failed step is reported and the next one still runs. A summary table is printed last.
+# Default steps and their expected seconds on one H100/H200 with 16 cores (estimates from counts: Triton and
+# inductor compiles at ~2 s each, checkpoint writing at ~50 M random values/s per core; replace them with the
+# `took` column of the first run's summary):
+#   env             5   nvidia-smi, versions
+#   install       100   pip install -e . offline, the CUDA extension built for sm_90a only (QWEN2VL_FAST_CUDA_ARCHS)
+#   gpu-tests      45   pytest -m gpu (pytest-xdist with 4 workers where installed: the Triton compiles overlap)
+#   gemm          100   bench_gemm.py: the 27 GEMM shapes (vision 6144/1536 rows, LLM M = 1, lm_head at M = 1
+#                       and 1600) vs cuBLAS, torch.compile and the measured dispatch (~27 Triton compiles, 6
+#                       inductor compiles: most of the time)
+#   vision-tower   60   bench_vision_tower.py 1344x896, Qwen2-VL and Qwen2.5-VL ViTs, ours (auto) vs transformers
+#                       (random weights made on the CPU: ~20 s of it)
+#   bench-2b      130   bench_model_forward.py qwen2-vl-2b, ours (auto, tuned) vs transformers sdpa (writing the
+#                       4.4 GB random checkpoint is ~50 s of it); transformers + torch.compile is bench-2b-compile
+#   total         440   of the 560 s budget (GPU_CHECK_BUDGET_S): 120 s of margin for the estimates
+# Opt-in steps (name them in GPU_CHECK_STEPS; expected seconds): tests (the whole suite on CUDA, 150),
+# vision-kernels (attention / norms / rotary / patch embedding vs SDPA backends and torch.compile, 90),
+# bench-2b-compile (bench-2b plus transformers under torch.compile, 250), bench-3b (qwen2.5-vl-3b, with compile,
+# 300), processing (preprocessing on CPU and GPU, 60), quant (int4/int8 GEMMs vs cuBLAS bf16, 7B and 72B layers,
+# 200), llm-kernels (decoder attention / rope / norms vs SDPA and torch.compile, 200), generate-2b (decode tok/s
+# and prefill vs transformers eager and static cache + compile, 420), generate-7b (480, writes a 16 GB
+# checkpoint first), quant-decode (7B decode tok/s bf16 / int8 / int4, 480), quant-decode-72b (72B int4 on one
+# GPU, 480), sanitize (compute-sanitizer memcheck + racecheck on the CUDA decode GEMM's tests, 300).
+#
+# Every step runs under `timeout`, capped by what is left of the budget (a step that would get < 15 s is skipped);
+# a failed or timed-out step is reported and the next one still runs. What comes back from $OUT (at most 8 files;
+# this writes 3):
+#   gpu_check.log          everything printed;
+#   gpu_check_summary.txt  one line per step (verdict, seconds taken, seconds expected), appended as each step
+#                          starts and ends, so it is there even when the call itself is cut off;
+#   bench_results.json     every result JSON of the run ({"files": {name: document}}), rewritten after each
+#                          benchmark case (QWEN2VL_FAST_BENCH_BUNDLE), so a timed-out step keeps its finished
+#                          cases. Unpack it here with: python bench/results.py unbundle bench_results.json
 #
 # Usage, from the repository root (on the lent GPU machine `$OUT` is the folder that comes back):
-#     bash bench/gpu_check.sh
-#     QWEN2VL_FAST_GIT_COMMIT=<hash here> GPU_CHECK_STEPS="install bench-2b" bash bench/gpu_check.sh
-# Output: everything tee'd to ${OUT:-bench/results/_scratch}/gpu_check.log; result JSON files in bench/results
-# and copied next to the log (QWEN2VL_FAST_BENCH_OUT). At most 8 files come back from $OUT: keep it that way.
-# Knobs (environment): GPU_CHECK_STEPS (default: all of env install gpu-tests tests bench-2b bench-3b),
-# GPU_CHECK_BUDGET_S (default 560 s for everything), PYTHON (default python3), BENCH_REPS (default 10),
-# BENCH_GEN_REPS (default 3, for bench_generate and bench_quant_decode). Opt-in steps, named in GPU_CHECK_STEPS
-# only: generate-2b, llm-kernels, generate-7b (decode/prefill vs transformers; the LLM kernels vs SDPA /
-# torch.compile), quant-decode (7B decode tok/s with bf16 / int8 / int4 weights, built in memory: no
-# checkpoint), quant-decode-72b (the 72B preset in int4 on one GPU, ~42 GiB), sanitize (compute-sanitizer
-# memcheck and racecheck on the CUDA C++ kernels' small GPU tests: out-of-bounds accesses, shared-memory races).
+#     QWEN2VL_FAST_GIT_COMMIT=<hash here> bash bench/gpu_check.sh
+#     QWEN2VL_FAST_GIT_COMMIT=<hash> GPU_CHECK_STEPS="env install vision-kernels llm-kernels" bash bench/gpu_check.sh
+# Knobs (environment): GPU_CHECK_STEPS (default: env install gpu-tests gemm vision-tower bench-2b),
+# GPU_CHECK_BUDGET_S (default 560), GPU_CHECK_TEST_WORKERS (pytest-xdist workers, default 4; 0: serial),
+# PYTHON (default python3), BENCH_REPS (default 10, model-level benchmarks), KERNEL_REPS (default 30, kernel
+# benchmarks: graph replays), BENCH_GEN_REPS (default 3, bench_generate and bench_quant_decode),
+# QWEN2VL_FAST_CUDA_ARCHS (default 90a: the lent machines are Hopper; "80;90a" builds for A100 too, ~2x the time).
 # The copied tree has no .git there: pass the commit as QWEN2VL_FAST_GIT_COMMIT (and _DIRTY=1 if so).
 # Packages the GPU image lacks (PyAV for the video tests and benchmark) travel as wheels in .whl/ (git-ignored;
 # name it in the run's `carry`), prepared here with:
@@ -30,32 +54,44 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-bench/results/_scratch}"
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
+SUMMARY_FILE="$OUT_DIR/gpu_check_summary.txt"
 PY="${PYTHON:-python3}"  # the lent machines have python3 (with torch), maybe no `python`
-STEPS="${GPU_CHECK_STEPS:-env install gpu-tests tests vision-kernels vision-tower bench-2b bench-3b processing}"
+STEPS="${GPU_CHECK_STEPS:-env install gpu-tests gemm vision-tower bench-2b}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-560}"
 REPS="${BENCH_REPS:-10}"
+KREPS="${KERNEL_REPS:-30}"
 GEN_REPS="${BENCH_GEN_REPS:-3}"  # generate runs are seconds each (transformers eager: 128 steps of ~30 ms)
+WORKERS="${GPU_CHECK_TEST_WORKERS:-4}"
+RESERVE_S=5  # for the summary after the last step
 export PYTHONUNBUFFERED=1
-export QWEN2VL_FAST_BENCH_OUT="$OUT_DIR"
+export QWEN2VL_FAST_BENCH_BUNDLE="$OUT_DIR/bench_results.json"
+unset QWEN2VL_FAST_BENCH_OUT  # one bundle instead of a file per result: the 8-file limit of $OUT
 export MAX_JOBS="${MAX_JOBS:-16}"  # parallel nvcc jobs for the extension build (torch cpp_extension)
+export QWEN2VL_FAST_CUDA_ARCHS="${QWEN2VL_FAST_CUDA_ARCHS:-90a}"
 
 SUMMARY=()
 FAILED=0
 
-# step NAME LIMIT_S CMD...: run CMD under `timeout`, capped by what is left of the overall budget.
+summary_line() {  # name verdict took expected
+    printf '%-17s %-16s %6s %9s' "$1" "$2" "$3" "$4"
+}
+
+# step NAME EXPECTED_S LIMIT_S CMD...: run CMD under `timeout`, capped by what is left of the overall budget.
 step() {
-    local name=$1 limit=$2
-    shift 2
+    local name=$1 expected=$2 limit=$3
+    shift 3
     case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
-    local left=$((BUDGET_S - SECONDS - 5))
+    local left=$((BUDGET_S - SECONDS - RESERVE_S))
     if ((left < limit)); then limit=$left; fi
     if ((limit < 15)); then
-        SUMMARY+=("$(printf '%-10s %-16s %6s' "$name" "skipped (budget)" "-")")
+        SUMMARY+=("$(summary_line "$name" "skipped (budget)" "-" "${expected}s")")
+        echo "${SUMMARY[-1]}" >>"$SUMMARY_FILE"
         FAILED=$((FAILED + 1))
         return 0
     fi
     echo
-    echo "=== [$name] limit ${limit}s: $*"
+    echo "=== [$name] limit ${limit}s (expected ${expected}s): $*"
+    echo "$(summary_line "$name" "running" "..." "${expected}s")  started at ${SECONDS}s" >>"$SUMMARY_FILE"
     local start=$SECONDS rc
     timeout -k 10 "$limit" "$@"
     rc=$?
@@ -63,50 +99,68 @@ step() {
     if ((rc == 124 || rc == 137)); then verdict="TIMEOUT"; elif ((rc != 0)); then verdict="FAILED rc=$rc"; fi
     if [[ $name == *tests && $rc == 5 ]]; then verdict="no tests"; fi  # pytest: nothing collected
     [[ $verdict == ok || $verdict == "no tests" ]] || FAILED=$((FAILED + 1))
-    echo "=== [$name] $verdict in ${took}s"
-    SUMMARY+=("$(printf '%-10s %-16s %5ss' "$name" "$verdict" "$took")")
+    echo "=== [$name] $verdict in ${took}s (expected ${expected}s)"
+    SUMMARY+=("$(summary_line "$name" "$verdict" "${took}s" "${expected}s")")
+    echo "${SUMMARY[-1]}" >>"$SUMMARY_FILE"
+}
+
+# pytest arguments that spread the tests over WORKERS processes where pytest-xdist is installed.
+parallel_tests() {
+    if ((WORKERS > 0)) && "$PY" -c "import xdist" 2>/dev/null; then
+        echo "-n $WORKERS"
+    fi
+}
+
+finish() {
+    echo
+    echo "=== summary (${SECONDS}s of ${BUDGET_S}s budget; log: $LOG; results: $QWEN2VL_FAST_BENCH_BUNDLE)"
+    summary_line step verdict took expected
+    echo
+    printf '%s\n' "${SUMMARY[@]}"
 }
 
 main() {
     echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ)  steps: $STEPS  budget: ${BUDGET_S}s  out: $OUT_DIR"
+    echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) steps: $STEPS budget: ${BUDGET_S}s" >"$SUMMARY_FILE"
     if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels (see the header), outside the image's venv
         "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
             && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    step env 60 bash -c "nvidia-smi; $PY -c 'import sys, torch; print(\"python\", sys.version.split()[0]);
+    step env 5 60 bash -c "nvidia-smi; $PY -c 'import sys, torch; print(\"python\", sys.version.split()[0]);
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available())
 print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
-$PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|numpy|pytest|setuptools) '"
+$PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|numpy|pytest|pytest-xdist|setuptools) '"
     # No network there: --no-index --no-deps keep pip from retrying an index it cannot reach.
-    step install 240 "$PY" -m pip install --no-build-isolation --no-index --no-deps -e .
-    step gpu-tests 120 "$PY" -m pytest -q -m gpu tests
-    step tests 150 env QWEN2VL_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -x -m "not gpu" tests
-    step vision-kernels 240 "$PY" bench/bench_vision_kernels.py --reps 30
-    step vision-tower 240 "$PY" bench/bench_vision_tower.py --reps "$REPS"
-    step bench-2b 200 "$PY" bench/bench_model_forward.py --preset qwen2-vl-2b --reps "$REPS"
-    step bench-3b 220 "$PY" bench/bench_model_forward.py --preset qwen2.5-vl-3b --reps "$REPS"
-    step processing 120 "$PY" bench/bench_processing.py --device cuda --reps 5
-    step quant 300 "$PY" bench/bench_quant.py --reps 30
-    # Generation benchmarks: not in the default STEPS (each can take most of a call); name them, one per call:
-    # GPU_CHECK_STEPS="install generate-2b", "install llm-kernels", "install generate-7b" (the 7B checkpoint
-    # alone is ~16 GB of random weights to write first).
-    step generate-2b 420 "$PY" bench/bench_generate.py --presets qwen2-vl-2b --batches 1 4 16 64 --new-tokens 128 \
+    step install 100 240 "$PY" -m pip install --no-build-isolation --no-index --no-deps -e .
+    # shellcheck disable=SC2046  # the xdist arguments are meant to split
+    step gpu-tests 45 120 "$PY" -m pytest -q -m gpu $(parallel_tests) tests
+    step gemm 100 200 "$PY" bench/bench_gemm.py --reps "$KREPS"
+    step vision-tower 60 150 "$PY" bench/bench_vision_tower.py --cases 1344x896 --backends auto --reps "$REPS"
+    step bench-2b 130 220 "$PY" bench/bench_model_forward.py --preset qwen2-vl-2b --reps "$REPS" --skip-compile
+
+    # Opt-in steps, in the order they run when named.
+    # shellcheck disable=SC2046
+    step tests 150 240 env QWEN2VL_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -x -m "not gpu" $(parallel_tests) tests
+    step vision-kernels 90 180 "$PY" bench/bench_vision_kernels.py --reps "$KREPS"
+    step bench-2b-compile 250 400 "$PY" bench/bench_model_forward.py --preset qwen2-vl-2b --reps "$REPS"
+    step bench-3b 300 450 "$PY" bench/bench_model_forward.py --preset qwen2.5-vl-3b --reps "$REPS"
+    step processing 60 120 "$PY" bench/bench_processing.py --device cuda --reps 5
+    step quant 200 360 "$PY" bench/bench_quant.py --reps "$KREPS"
+    step llm-kernels 200 360 "$PY" bench/bench_llm_kernels.py --reps "$KREPS"
+    step generate-2b 420 500 "$PY" bench/bench_generate.py --presets qwen2-vl-2b --batches 1 4 16 64 \
+        --new-tokens 128 --reps "$GEN_REPS"
+    step generate-7b 480 540 "$PY" bench/bench_generate.py --presets qwen2-vl-7b --batches 1 16 --new-tokens 128 \
         --reps "$GEN_REPS"
-    step llm-kernels 360 "$PY" bench/bench_llm_kernels.py --reps 30
-    step generate-7b 480 "$PY" bench/bench_generate.py --presets qwen2-vl-7b --batches 1 16 --new-tokens 128 \
-        --reps "$GEN_REPS"
-    step sanitize 300 bash -c "compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -m gpu \
+    step sanitize 300 400 bash -c "compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -m gpu \
 tests/test_cuda_quant_decode.py -k 'gpu_decode and (72-96 or 200-384)' && compute-sanitizer --tool racecheck \
 --error-exitcode 9 $PY -m pytest -q -m gpu tests/test_cuda_quant_decode.py -k 'gpu_decode and 200-384 and bf16'"
     # Quantized decode: random weights built on the GPU (the 72B never exists in bf16, on disk or in memory).
-    step quant-decode 480 "$PY" bench/bench_quant_decode.py --presets qwen2-vl-7b --batches 1 16 --new-tokens 128 \
-        --reps "$GEN_REPS"
-    step quant-decode-72b 480 "$PY" bench/bench_quant_decode.py --presets qwen2-vl-72b --weights int4 \
+    step quant-decode 480 540 "$PY" bench/bench_quant_decode.py --presets qwen2-vl-7b --batches 1 16 \
+        --new-tokens 128 --reps "$GEN_REPS"
+    step quant-decode-72b 480 540 "$PY" bench/bench_quant_decode.py --presets qwen2-vl-72b --weights int4 \
         --batches 1 16 --new-tokens 128 --reps "$GEN_REPS"
 
-    echo
-    echo "=== summary (${SECONDS}s of ${BUDGET_S}s budget; log: $LOG)"
-    printf '%s\n' "${SUMMARY[@]}"
+    finish | tee -a "$SUMMARY_FILE"
     return $((FAILED > 0))
 }
 

@@ -4,9 +4,14 @@ Absolute times hold only for the GPU that measured them (DESIGN.md "Performance 
 carries the GPU name, the library versions and the repository commit (plus a dirty flag: uncommitted changes
 mean the commit alone does not name the code). Nothing host-identifying is recorded.
 
-Files go to `bench/results/<name>-<gpu-slug>-<YYYYmmdd-HHMMSS>.json` (UTC). When the environment variable
-QWEN2VL_FAST_BENCH_OUT names a folder, each file is also copied there: on the lent GPU machine only files under
-`$OUT` come back, so `bench/gpu_check.sh` points it at `$OUT`.
+Files go to `bench/results/<name>-<gpu-slug>-<YYYYmmdd-HHMMSS>.json` (UTC). A benchmark with many cases writes its
+file as it goes (`ResultFile.update` after each case, "complete": false, then `finish`), so a run stopped by a
+timeout still leaves every finished case. Where the copies go as well:
+- QWEN2VL_FAST_BENCH_OUT names a folder: each file is copied there;
+- QWEN2VL_FAST_BENCH_BUNDLE names one JSON file: each result is stored in it under its file name
+  ({"files": {name: document}}), rewritten atomically on every update. On the lent GPU machine only files under
+  `$OUT` come back, at most 8 of them, so `bench/gpu_check.sh` bundles every result of a run into one file there;
+  `python bench/results.py unbundle FILE` writes the documents back out as bench/results/<name>.json.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_ENV = "QWEN2VL_FAST_BENCH_OUT"
+BUNDLE_ENV = "QWEN2VL_FAST_BENCH_BUNDLE"
 # Where the tree was copied without its .git (the lent GPU machine), the caller can name the commit.
 COMMIT_ENV, DIRTY_ENV = "QWEN2VL_FAST_GIT_COMMIT", "QWEN2VL_FAST_GIT_DIRTY"
 
@@ -118,30 +124,102 @@ def to_jsonable(obj):
     return str(obj)
 
 
-def write_result(name: str, payload: dict, out_dir: str | os.PathLike = "bench/results", *,
-                 env: Optional[dict] = None) -> Path:
-    """Write {name, created_utc, environment, result: payload} to `<out_dir>/<name>-<gpu-slug>-<stamp>.json`.
+def _write_json_atomically(path: Path, doc: dict) -> None:
+    """Write to a temporary file beside `path`, then rename: a run killed mid-write never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(doc), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
-    A relative out_dir is taken from the repository root, so results land in bench/results wherever the
-    script is started. Returns the path written; also copies the file to $QWEN2VL_FAST_BENCH_OUT if set.
-    """
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"result name {name!r} must be letters, digits, '_', '.', '-'")
-    env = environment_info() if env is None else env
-    now = _dt.datetime.now(_dt.timezone.utc)
+
+def add_to_bundle(bundle: str | os.PathLike, file_name: str, doc: dict) -> None:
+    """Store `doc` under `file_name` in the bundle file ({"files": {...}}), creating it if need be."""
+    bundle = Path(bundle)
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    files = json.loads(bundle.read_text(encoding="utf-8"))["files"] if bundle.exists() else {}
+    files[file_name] = doc
+    _write_json_atomically(bundle, dict(files=files))
+
+
+def unbundle(bundle: str | os.PathLike, out_dir: str | os.PathLike = "bench/results") -> list[Path]:
+    """Write every document of a bundle file to `<out_dir>/<its file name>`; returns the paths written."""
     out = Path(out_dir)
     out = out if out.is_absolute() else REPO_ROOT / out
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}-{slug(str(env.get('gpu', 'cpu')))}-{now.strftime('%Y%m%d-%H%M%S')}"
-    path, k = out / f"{stem}.json", 0
-    while path.exists():  # two results in one second: never overwrite
-        k += 1
-        path = out / f"{stem}-{k}.json"
-    doc = dict(name=name, created_utc=now.isoformat(timespec="seconds"), environment=env, result=payload)
-    path.write_text(json.dumps(to_jsonable(doc), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    extra = os.environ.get(OUT_ENV)
-    if extra:
-        Path(extra).mkdir(parents=True, exist_ok=True)
-        if Path(extra).resolve() != out.resolve():
-            shutil.copy2(path, Path(extra) / path.name)
-    return path
+    paths = []
+    for name, doc in json.loads(Path(bundle).read_text(encoding="utf-8"))["files"].items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+\.json", name):
+            raise ValueError(f"bundle entry {name!r} is not a result file name")
+        _write_json_atomically(out / name, doc)
+        paths.append(out / name)
+    return paths
+
+
+class ResultFile:
+    """One result file, rewritten whole on every `update` (with "complete": false) and closed by `finish`.
+
+    The path is fixed at construction: `<out_dir>/<name>-<gpu-slug>-<stamp>.json`, never overwriting an earlier
+    file. Each write is also copied to $QWEN2VL_FAST_BENCH_OUT and stored in $QWEN2VL_FAST_BENCH_BUNDLE if set.
+    """
+
+    def __init__(self, name: str, out_dir: str | os.PathLike = "bench/results", *, env: Optional[dict] = None):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"result name {name!r} must be letters, digits, '_', '.', '-'")
+        self.name = name
+        self.env = environment_info() if env is None else env
+        now = _dt.datetime.now(_dt.timezone.utc)
+        self.created = now.isoformat(timespec="seconds")
+        out = Path(out_dir)
+        out = out if out.is_absolute() else REPO_ROOT / out
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{name}-{slug(str(self.env.get('gpu', 'cpu')))}-{now.strftime('%Y%m%d-%H%M%S')}"
+        path, k = out / f"{stem}.json", 0
+        while path.exists():  # two results in one second: never overwrite
+            k += 1
+            path = out / f"{stem}-{k}.json"
+        self.path = path
+        self.update({})  # claims the name at once, and says the run started even if no case finishes
+
+    def update(self, payload: dict, complete: bool = False) -> Path:
+        doc = dict(name=self.name, created_utc=self.created, complete=complete, environment=self.env, result=payload)
+        _write_json_atomically(self.path, doc)
+        extra = os.environ.get(OUT_ENV)
+        if extra:
+            Path(extra).mkdir(parents=True, exist_ok=True)
+            if Path(extra).resolve() != self.path.parent.resolve():
+                shutil.copy2(self.path, Path(extra) / self.path.name)
+        bundle = os.environ.get(BUNDLE_ENV)
+        if bundle:
+            add_to_bundle(bundle, self.path.name, json.loads(self.path.read_text(encoding="utf-8")))
+        return self.path
+
+    def finish(self, payload: dict) -> Path:
+        return self.update(payload, complete=True)
+
+
+def write_result(name: str, payload: dict, out_dir: str | os.PathLike = "bench/results", *,
+                 env: Optional[dict] = None) -> Path:
+    """Write {name, created_utc, complete: true, environment, result: payload} to
+    `<out_dir>/<name>-<gpu-slug>-<stamp>.json` at once (see ResultFile for results written case by case).
+
+    A relative out_dir is taken from the repository root, so results land in bench/results wherever the
+    script is started. Returns the path written; also copies it to $QWEN2VL_FAST_BENCH_OUT and the bundle.
+    """
+    return ResultFile(name, out_dir, env=env).finish(payload)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Result files: unbundle a bundle that bench/gpu_check.sh brought back.")
+    sub = p.add_subparsers(dest="command", required=True)
+    u = sub.add_parser("unbundle", help="write each document of a bundle file to bench/results/")
+    u.add_argument("bundle")
+    u.add_argument("--out-dir", default="bench/results")
+    args = p.parse_args(argv)
+    for path in unbundle(args.bundle, args.out_dir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,8 @@ once per process on the device at hand:
 A kernel's floor is max(FLOPs / compute ceiling, bytes / bandwidth ceiling); its arithmetic intensity
 (FLOPs per byte) against the ridge point (compute ceiling / bandwidth ceiling) says which term binds.
 
+Both ceilings are timed with the harness's kernel method (graph replays, bench/harness.py), the method every kernel
+figure is timed with, so a kernel's % of a ceiling compares like with like.
 Everything also runs on the CPU with small default sizes, so the arithmetic is unit-testable without a GPU.
 """
 
@@ -76,6 +78,15 @@ def device_ceilings(device=None, dtype: torch.dtype = torch.bfloat16) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return dict(tflops=measure_matmul_tflops(device, dtype), gbps=measure_copy_bandwidth(device),
                 dtype=str(dtype).removeprefix("torch."), device=name)
+
+
+def is_memory_bound(flops: float, nbytes: float, ceilings: dict) -> bool:
+    """Whether a call's fewest bytes take longer than its FLOPs at the measured ceilings: arithmetic intensity
+    (FLOPs per byte) below the ridge point (TFLOP/s over GB/s, about 180 FLOP/B for bf16 on an H200). Such a call
+    is timed on inputs rotated past L2 (bench/compare.py): from L2 it would run faster than device memory allows."""
+    if nbytes <= 0:
+        return False
+    return flops / nbytes < ceilings["tflops"] * 1e12 / (ceilings["gbps"] * 1e9)
 
 
 def roofline_fraction(flops: float, nbytes: float, ms: float, ceilings: dict) -> dict:

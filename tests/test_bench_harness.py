@@ -151,3 +151,164 @@ def test_compare_logits():
     d = bench_model_forward.compare_logits(ref + torch.tensor([0.0, 0.5]), ref)
     assert d["max_abs"] == 0.5 and d["max_rel"] == pytest.approx(0.125) and d["top1_agree"] == 1.0
     assert "error" in bench_model_forward.compare_logits(ref[:, :1], ref)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The CUDA timing methods, on a simulated device (helpers_bench.FakeCuda): what each method includes and excludes.
+
+compare = bench_module("compare")
+KERNEL_MS, LAUNCH_MS = 0.010, 0.020  # a 10 us kernel whose launch costs the host 20 us: launch-bound
+
+
+@pytest.fixture()
+def fake_cuda(monkeypatch):
+    from helpers_bench import FakeCuda
+
+    fake = FakeCuda(launch_ms=LAUNCH_MS)
+    monkeypatch.setattr(harness, "_cuda_api", lambda: fake)
+    monkeypatch.setattr(harness, "_host_ms", fake.now_ms)
+    monkeypatch.setattr(harness, "_SLEEP_CYCLES_PER_MS", {})
+    return fake
+
+
+def test_events_on_an_idle_queue_time_the_launch_but_queue_and_graph_do_not(fake_cuda):
+    def fn():
+        fake_cuda.kernel(KERNEL_MS)
+
+    events = harness.time_fn(fn, warmup=2, rep=9, device="cuda", method="events")
+    assert events["method"] == "cuda-events" and events["median_ms"] > 2 * KERNEL_MS  # mostly the launch
+    queue = harness.time_fn(fn, warmup=2, rep=9, device="cuda", method="queue")
+    assert queue["method"] == "cuda-queue" and queue["median_ms"] == pytest.approx(KERNEL_MS)
+    assert queue["queue_drained"] == 0 and queue["n"] == 9
+    graph = harness.time_fn(fn, warmup=2, rep=9, device="cuda")  # the default: "kernel" = graph when capturable
+    assert graph["method"] == "cuda-graph" and graph["median_ms"] == pytest.approx(KERNEL_MS)
+    assert graph["calls_per_sample"] == harness.calls_per_graph(KERNEL_MS) == 100 and graph["n"] == 9
+
+
+def test_kernel_method_falls_back_to_the_queue_when_capture_fails(fake_cuda):
+    def fn():
+        fake_cuda.kernel(KERNEL_MS, capturable=False)
+
+    t = harness.time_fn(fn, warmup=1, rep=5, device="cuda")
+    assert t["method"] == "cuda-queue" and t["median_ms"] == pytest.approx(KERNEL_MS)
+    with pytest.raises(harness.CaptureError):
+        harness.time_fn(fn, warmup=1, rep=5, device="cuda", method="graph")
+
+
+def test_a_graph_of_no_device_work_is_refused(fake_cuda):
+    with pytest.raises(harness.CaptureError, match="no device work"):
+        harness.time_fn(lambda: None, warmup=1, rep=3, device="cuda", method="graph")
+
+
+def test_a_drained_queue_is_retried_with_a_longer_spin(fake_cuda, monkeypatch):
+    harness.time_fn(lambda: fake_cuda.kernel(KERNEL_MS), warmup=1, rep=2, device="cuda", method="queue")
+    fake_cuda.cycles_per_ms *= 8  # the clock ramped after the calibration: every spin now ends 8x sooner
+    t = harness.time_fn(lambda: fake_cuda.kernel(KERNEL_MS), warmup=1, rep=6, device="cuda", method="queue")
+    assert t["queue_retries"] >= 1 and t["queue_drained"] == 0
+    assert t["median_ms"] == pytest.approx(KERNEL_MS)  # the retried batch's numbers, not the drained one's
+    t = harness.time_fn(lambda: fake_cuda.kernel(KERNEL_MS), warmup=1, rep=6, device="cuda", method="queue")
+    assert t["queue_retries"] == 0  # learned: later batches spin long enough at once
+    monkeypatch.setattr(harness, "spin_ms", lambda host: 0.0)  # never long enough: counted, not hidden
+    t = harness.time_fn(lambda: fake_cuda.kernel(KERNEL_MS), warmup=1, rep=6, device="cuda", method="queue")
+    assert t["queue_drained"] == 1
+
+
+def test_the_spin_covers_the_host_enqueue_of_a_batch(fake_cuda):
+    harness.time_fn(lambda: fake_cuda.kernel(KERNEL_MS), warmup=1, rep=100, device="cuda", method="queue")
+    batch = harness.queue_batch(LAUNCH_MS)
+    spins = fake_cuda.sleeps[4:]  # after the four calibration spins
+    assert batch == 64 and len(spins) == 2  # 100 calls: batches of 64 and 36
+    assert spins[0] >= batch * (LAUNCH_MS + 2 * fake_cuda.event_ms)
+
+
+def test_graph_replays_cycle_through_every_rotating_copy(fake_cuda):
+    seen = []
+
+    def fn(x):
+        seen.append(x.data_ptr())
+        fake_cuda.kernel(KERNEL_MS)
+
+    inputs = [(torch.randn(4),) for _ in range(7)]
+    t = harness.time_fn(fn, warmup=1, rep=3, inputs=inputs, device="cuda")
+    r = t["calls_per_sample"]
+    assert r % 7 == 0 and r >= 100 and t["input_copies"] == 7
+    captured = seen[-r:]  # the capture's calls: each copy equally often
+    assert {captured.count(x[0].data_ptr()) for x in inputs} == {r // 7}
+
+
+def test_calls_per_graph_queue_batch_and_spin():
+    assert harness.calls_per_graph(0.5) == 2 and harness.calls_per_graph(5.0) == 1
+    assert harness.calls_per_graph(1e-5) == harness.MAX_CALLS_PER_GRAPH
+    assert harness.calls_per_graph(0.5, n_inputs=3) == 3 and harness.calls_per_graph(0.01, n_inputs=16) == 112
+    assert harness.queue_batch(1.0) == 2 and harness.queue_batch(1e-4) == harness.QUEUE_MAX_BATCH
+    assert harness.queue_batch(50.0) == 1
+    assert harness.spin_ms(2.0) == pytest.approx(3.2)
+    assert harness.rotation_copies(1000, 4096) == 5 and harness.rotation_copies(0, 4096) == 1
+    assert harness.rotation_copies(1, 10**9, max_copies=9) == 9
+
+
+def test_memory_bound_is_intensity_under_the_ridge():
+    ceil = dict(tflops=800.0, gbps=4000.0)  # ridge 200 FLOP/B
+    assert roofline.is_memory_bound(2 * 4096 * 4096, 2 * 4096 * 4096, ceil)  # a GEMV: 1 FLOP/B
+    assert not roofline.is_memory_bound(2 * 6144 * 1280 * 1280, 2 * (2 * 6144 * 1280 + 1280**2), ceil)
+    assert not roofline.is_memory_bound(1e9, 0, ceil)
+
+
+def _case(fake, capturable_b=True, flops=1e3, nbytes=1024):
+    make = lambda: (torch.randn(nbytes // 4),)  # noqa: E731
+    return compare.Case("demo", flops, nbytes, {
+        "ours-a": compare.Candidate(lambda x: fake.kernel(0.005), make, "ours"),
+        "torch-b": compare.Candidate(lambda x: fake.kernel(0.010, capturable=capturable_b), make)})
+
+
+def test_one_method_for_every_candidate_of_a_case(fake_cuda):
+    ceil = dict(tflops=1.0, gbps=1.0)
+    rows, summary = compare.run_case(_case(fake_cuda), ceil, device="cuda", warmup=1, rep=3)
+    assert {r["method"] for r in rows} == {"cuda-graph"} and summary["method"] == "cuda-graph"
+    rows, summary = compare.run_case(_case(fake_cuda, capturable_b=False), ceil, device="cuda", warmup=1, rep=3)
+    assert {r["method"] for r in rows} == {"cuda-queue"}  # b cannot be captured: a is queued too
+    by = {r["impl"]: r for r in rows}
+    assert by["ours-a"]["median_ms"] == pytest.approx(0.005) and by["torch-b"]["median_ms"] == pytest.approx(0.010)
+    assert summary["speedup_best_ours"] == pytest.approx(2.0) and summary["best_pytorch"] == "torch-b"
+    assert by["torch-b"]["speedup_vs_best_pytorch"] == pytest.approx(1.0)
+
+
+def test_memory_bound_cases_rotate_past_twice_l2_and_compute_bound_ones_do_not(fake_cuda):
+    ceil = dict(tflops=1.0, gbps=1.0)  # ridge 1000 FLOP/B; the fake L2 is 4 KiB
+    rows, summary = compare.run_case(_case(fake_cuda, flops=10.0), ceil, device="cuda", warmup=1, rep=2)
+    assert summary["memory_bound"] and summary["l2_rotated"]
+    assert all(r["input_copies"] == 8 and r["rotated_bytes"] == 8 * 1024 for r in rows)  # 2 x 4 KiB / 1 KiB
+    rows, summary = compare.run_case(_case(fake_cuda, flops=1e7), ceil, device="cuda", warmup=1, rep=2)
+    assert not summary["memory_bound"] and all(r["input_copies"] == 1 for r in rows)
+
+
+def test_a_failing_candidate_is_recorded_and_variants_are_tried_in_order():
+    def fails(x):
+        raise RuntimeError("no kernel for this shape")
+    make = lambda: (torch.randn(8),)  # noqa: E731
+    case = compare.Case("demo", 1e6, 64, {
+        "ours-x": compare.Candidate(fails, make, "ours"),
+        "sdpa": [compare.Candidate(fails, make, tag="gqa"), compare.Candidate(lambda x: x * 2, make, tag="repeat-kv")]})
+    rows, summary = compare.run_case(case, dict(tflops=1.0, gbps=1.0), device="cpu", warmup=0, rep=2)
+    by = {r["impl"]: r for r in rows}
+    assert "no kernel" in by["ours-x"]["error"] and by["sdpa[repeat-kv]"]["method"] == "perf_counter"
+    assert summary["best_ours"] is None and summary["best_pytorch"] == "sdpa"
+
+
+def test_result_file_is_rewritten_as_it_goes_and_bundled(tmp_path, monkeypatch):
+    bundle = tmp_path / "out" / "bench_results.json"
+    monkeypatch.delenv(results.OUT_ENV, raising=False)
+    monkeypatch.setenv(results.BUNDLE_ENV, str(bundle))
+    env = dict(gpu="NVIDIA H200")
+    f = results.ResultFile("demo", tmp_path / "results", env=env)
+    f.update(dict(rows=[1]))
+    doc = json.loads(f.path.read_text())
+    assert doc["complete"] is False and doc["result"] == dict(rows=[1])
+    f.finish(dict(rows=[1, 2]))
+    results.write_result("other", dict(x=1), tmp_path / "results", env=env)
+    files = json.loads(bundle.read_text())["files"]
+    assert set(files) == {f.path.name} | {p.name for p in (tmp_path / "results").glob("other-*.json")}
+    assert files[f.path.name]["complete"] is True and files[f.path.name]["result"] == dict(rows=[1, 2])
+    written = results.unbundle(bundle, tmp_path / "unbundled")
+    assert sorted(p.name for p in written) == sorted(files)
+    assert json.loads((tmp_path / "unbundled" / f.path.name).read_text()) == files[f.path.name]

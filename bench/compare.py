@@ -1,0 +1,245 @@
+"""Side-by-side kernel comparisons that cannot flatter us: every candidate of a case is timed the same way.
+
+A `Case` is one operation at one shape: its FLOPs, the fewest bytes one call must move (each input read once, each
+output written once) and its candidates: ours (Triton, CUDA C++), "auto" (what the runtime's measured dispatch
+runs, `resolve("auto")`) and the PyTorch alternatives (cuBLAS, SDPA backends, eager references, torch.compile).
+`run_case` times them and reports each one's roofline fraction and the speedup of ours over the best alternative.
+
+The rules it enforces:
+- one timing method for every candidate of a case: the harness's "graph" (CUDA-graph replays) when every
+  candidate can be captured, else "queue" (pre-filled stream) for all of them; never per-call events on an idle
+  queue, which time the host's launch cost of a microsecond kernel (bench/harness.py);
+- memory-bound cases (arithmetic intensity under the measured ridge point, `roofline.is_memory_bound`; a case may
+  also say so itself) get inputs rotated across copies that exceed twice the L2 size, built per candidate from
+  its `make_args`, so no candidate reads what the previous call left in L2. Compute-bound cases are timed on one
+  set of inputs: their time hardly depends on where the inputs come from;
+- each candidate draws its own random inputs (never zeros), and the first call, outside the timing, also records
+  how long it took (compilation included: `first_call_s`), so a compile is never hidden nor counted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+from . import harness, roofline
+
+SIDES = ("ours", "auto", "pytorch")
+
+
+@dataclass
+class Candidate:
+    """One implementation: `fn(*make_args())` is one call. `side` is "ours", "auto" or "pytorch"; `tag` names a
+    variant (e.g. SDPA "gqa" vs "repeat-kv"); `nbytes` overrides the case's bytes for this candidate (a quantized
+    weight moves fewer)."""
+
+    fn: Callable
+    make_args: Callable[[], tuple]
+    side: str = "pytorch"
+    tag: str = ""
+    nbytes: Optional[float] = None
+
+    def __post_init__(self):
+        if self.side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {self.side!r}")
+
+
+@dataclass
+class Case:
+    """One operation at one shape. A candidate given as a list is a chain of variants: the first that runs is
+    timed (SDPA with enable_gqa, else with K/V repeated beforehand)."""
+
+    label: str
+    flops: float
+    nbytes: float
+    candidates: dict[str, Union[Candidate, list]]
+    memory_bound: Optional[bool] = None  # None: decided from the roofline
+    meta: dict = field(default_factory=dict)  # extra columns for every row (preset, M, N, K, ...)
+
+
+def auto_table(device):
+    """The runtime's `auto` op table (`qwen2vl_fast.ops.resolve("auto")`: per op and shape, the implementation its
+    measured dispatch found fastest here), measuring into a fresh tuning cache so no winner of an earlier run is
+    reused. Its first call at a shape measures the candidates: the warm-up, outside the timing."""
+    from qwen2vl_fast.ops import resolve
+
+    kw = {}
+    if "cache_path" in inspect.signature(resolve).parameters:
+        kw["cache_path"] = os.path.join(tempfile.mkdtemp(prefix="bench_dispatch."), "dispatch.json")
+    return resolve("auto", device, **kw)
+
+
+def _variants(c) -> list:
+    return list(c) if isinstance(c, (list, tuple)) else [c]
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        harness._cuda_api().synchronize()
+
+
+def _build_inputs(cand: Candidate, nbytes: float, rotate: bool, l2_bytes: int) -> list:
+    if not rotate:
+        args = cand.make_args()
+        return [args if isinstance(args, tuple) else (args,)]
+    return harness.make_rotating_inputs(cand.make_args, 2 * l2_bytes, per_copy_bytes=int(nbytes))
+
+
+def _first_runnable(variants: list, nbytes: float, rotate: bool, l2_bytes: int, device):
+    """(candidate, inputs, first_call_s) of the first variant whose first call runs, or (None, None, error)."""
+    err = "no variant"
+    for cand in variants:
+        inputs = None
+        try:
+            inputs = _build_inputs(cand, cand.nbytes or nbytes, rotate, l2_bytes)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                cand.fn(*inputs[0])
+            _sync(device)
+            return cand, inputs, time.perf_counter() - t0
+        except Exception as e:  # a backend that does not take this shape / layout: try the next variant
+            err = (f"{cand.tag}: " if cand.tag else "") + _error(e)
+            del inputs
+    return None, None, err
+
+
+def time_candidates(case: Case, *, device, rotate: bool, l2_bytes: int, warmup: int, rep: int,
+                    method: str = "kernel") -> dict:
+    """{name: timing or {"error": ...}} with one method for all: "kernel" tries "graph" for every candidate and,
+    if any cannot be captured, times them all again with "queue"."""
+    device = torch.device(device)
+    plan = "graph" if method == "kernel" and device.type == "cuda" else method
+    while True:
+        out, fallback = {}, False
+        for name, chain in case.candidates.items():
+            cand, inputs, first = _first_runnable(_variants(chain), case.nbytes, rotate, l2_bytes, device)
+            if cand is None:
+                out[name] = dict(error=first)
+                continue
+            try:
+                with torch.inference_mode():
+                    t = harness.time_fn(cand.fn, warmup=warmup, rep=rep, inputs=inputs, device=device, method=plan)
+                out[name] = dict(t, tag=cand.tag, first_call_s=first, bytes=cand.nbytes or case.nbytes)
+            except harness.CaptureError as e:
+                fallback = True
+                out[name] = dict(error=f"not capturable: {e}")
+                break
+            except Exception as e:
+                traceback.print_exc()
+                out[name] = dict(error=_error(e))
+            finally:
+                del inputs
+                if device.type == "cuda":
+                    harness._cuda_api().empty_cache()
+        if not fallback:
+            return out
+        plan = "queue"  # one candidate cannot be captured: every candidate is timed pre-filled instead
+
+
+def summarize_case(case: Case, times: dict, ceilings: dict) -> tuple[list, dict]:
+    """(rows, summary): one row per candidate with its roofline fraction and speedup over the best PyTorch
+    alternative; the summary names the best of ours, the best alternative, auto, and their speedups."""
+    ok = {n: t for n, t in times.items() if "median_ms" in t}
+    sides = {n: _variants(c)[0].side for n, c in case.candidates.items()}
+
+    def best(side):
+        named = [(t["median_ms"], n) for n, t in ok.items() if sides[n] == side]
+        return min(named) if named else (None, None)
+
+    best_pt, best_pt_name = best("pytorch")
+    best_ours, best_ours_name = best("ours")
+    auto_ms, _ = best("auto")
+    rows = []
+    for name, t in times.items():
+        clash = set(case.meta) & (set(t) | {"kernel", "impl", "side", "flops", "bytes"})
+        if clash:
+            raise ValueError(f"case meta keys {sorted(clash)} would overwrite timing columns")
+        row = dict(kernel=case.label, impl=name + (f"[{t['tag']}]" if t.get("tag") else ""), side=sides[name],
+                   **case.meta, flops=case.flops, bytes=case.nbytes)
+        row.update(t)  # a candidate's own bytes (t["bytes"]) replace the case's
+        if "median_ms" in t:
+            row.update(roofline.roofline_fraction(case.flops, row["bytes"], t["median_ms"], ceilings))
+            if best_pt:
+                row["speedup_vs_best_pytorch"] = best_pt / t["median_ms"]
+        rows.append(row)
+    summary = dict(kernel=case.label, **case.meta, best_pytorch=best_pt_name, best_pytorch_ms=best_pt,
+                   best_ours=best_ours_name, best_ours_ms=best_ours, auto_ms=auto_ms,
+                   method=next((t["method"] for t in ok.values()), None))
+    if best_pt and best_ours:
+        summary["speedup_best_ours"] = best_pt / best_ours
+        summary["pct_of_roofline_best_ours"] = next(r["pct_of_roofline"] for r in rows
+                                                    if r["impl"].split("[")[0] == best_ours_name)
+    if best_pt and auto_ms:
+        summary["speedup_auto"] = best_pt / auto_ms
+    return rows, summary
+
+
+def run_case(case: Case, ceilings: dict, *, device, warmup: int = 5, rep: int = 30, method: str = "kernel",
+             l2_bytes: Optional[int] = None) -> tuple[list, dict]:
+    """Time every candidate of `case` (rotating inputs when it is memory-bound) -> (rows, summary)."""
+    device = torch.device(device)
+    bound = case.memory_bound
+    if bound is None:
+        bound = roofline.is_memory_bound(case.flops, case.nbytes, ceilings)
+    l2 = l2_bytes if l2_bytes is not None else harness.l2_cache_bytes(device)
+    times = time_candidates(case, device=device, rotate=bound, l2_bytes=l2, warmup=warmup, rep=rep, method=method)
+    rows, summary = summarize_case(case, times, ceilings)
+    for r in rows:
+        r["memory_bound"] = bound
+        if "input_copies" in r:  # rotated: the copies a call cycles through, and whether they outsize 2 x L2
+            r["rotated_bytes"] = r["input_copies"] * r["bytes"] if bound else 0
+            r["l2_rotated"] = bound and r["rotated_bytes"] >= 2 * l2
+    summary.update(memory_bound=bound, l2_bytes=l2,
+                   l2_rotated=bound and all(r.get("l2_rotated", False) for r in rows if "median_ms" in r))
+    return rows, summary
+
+
+def run_cases(cases: Iterable[Case], ceilings: dict, out, payload: dict, *, device, warmup: int = 5, rep: int = 30,
+              l2_bytes: Optional[int] = None, on_case: Optional[Callable] = None) -> dict:
+    """Run each case (a generator is fine: each case's tensors are made when it comes up), append its rows and
+    summary to payload["rows"] / payload["cases"], call `on_case(case, rows, summary)` (extra columns, goals),
+    rewrite the result file `out` (a results.ResultFile) and print the case. Returns the payload."""
+    payload.setdefault("rows", [])
+    payload.setdefault("cases", [])
+    for case in cases:
+        rows, summary = run_case(case, ceilings, device=device, warmup=warmup, rep=rep, l2_bytes=l2_bytes)
+        if on_case is not None:
+            on_case(case, rows, summary)
+        payload["rows"] += rows
+        payload["cases"].append(summary)
+        out.update(payload)
+        print(format_rows(rows, summary), flush=True)
+    return payload
+
+
+def format_rows(rows: list, summary: dict) -> str:
+    """A few aligned lines for the log: each candidate's median, spread, roofline %, speedup; then the verdict."""
+    lines = []
+    for r in rows:
+        if "median_ms" not in r:
+            lines.append(f"  {r['impl']:34s} error: {r['error'][:110]}")
+            continue
+        rate = (f"{r['achieved_tflops']:8.1f} TFLOP/s" if not r.get("memory_bound")
+                else f"{r['achieved_gbps']:8.0f} GB/s   ")
+        sp = f"x{r['speedup_vs_best_pytorch']:.2f}" if "speedup_vs_best_pytorch" in r else ""
+        lines.append(f"  {r['impl']:34s} {r['median_ms']:9.4f} ms [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}] {rate} "
+                     f"{r['pct_of_roofline']:6.1f}% roof  {sp:>6s}  {r['method']}")
+    verdict = []
+    if summary.get("speedup_best_ours") is not None:
+        verdict.append(f"best ours {summary['best_ours']} x{summary['speedup_best_ours']:.2f} "
+                       f"vs {summary['best_pytorch']}")
+    if summary.get("speedup_auto") is not None:
+        verdict.append(f"auto x{summary['speedup_auto']:.2f}")
+    bound = "memory-bound, L2 rotated" if summary.get("memory_bound") else "compute-bound"
+    return f"{summary['kernel']}  ({bound})  " + "  ".join(verdict) + "\n" + "\n".join(lines)
