@@ -131,7 +131,7 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\",
 print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
 $PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|numpy|pytest|pytest-xdist|setuptools) '"
     # No network there: --no-index --no-deps keep pip from retrying an index it cannot reach.
-    step install 100 240 "$PY" -m pip install --no-build-isolation --no-index --no-deps -e .
+    step install 100 240 env QWEN2VL_FAST_REQUIRE_CUDA_EXT=1 "$PY" -m pip install --no-build-isolation --no-index --no-deps -e .
     # shellcheck disable=SC2046  # the xdist arguments are meant to split
     step gpu-tests 45 120 "$PY" -m pytest -q -m gpu $(parallel_tests) tests
     step gemm 100 200 "$PY" bench/bench_gemm.py --reps "$KREPS"

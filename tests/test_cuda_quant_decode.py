@@ -10,6 +10,8 @@ mma.sync m16n8k16 built from the PTX ISA's fragment layout. The replay checks:
     which also pins the free k-order inside the mma (slot -> packed nibble) to the activations' order;
   - determinism: the same bits whichever block of a column tile finishes last; the counters left at zero;
   - the launcher's argument checks (status codes), without a GPU.
+The Python wrapper (ops/cuda_ext.py) into the binding's schema and Meta kernel, on meta tensors: against the real
+qwen2vl_fast._C where torch has CUDA, the g++-built bindings where torch is CPU-only (tests/helpers_cuda.py).
 With a GPU (`gpu` mark): the registered op against the reference, dispatch by M, CUDA-graph capture.
 """
 
@@ -20,7 +22,7 @@ import ctypes
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_cuda import build_host_replay
+from helpers_cuda import binding_ops, build_host_replay, extension_ops
 
 from qwen2vl_fast.ops import get_op
 from qwen2vl_fast.quant.quantizer import quantize_rtn
@@ -486,14 +488,38 @@ def test_bench_quant_reports_the_dispatch_crossover():
     assert got == {("o", 4): 8, ("down", 4): 0}
 
 
+# ---- the binding behind the Python wrapper, on meta tensors --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def binding(tmp_path_factory):
+    """torch.ops.qwen2vl_fast: the real extension with a CUDA torch, g++-built bindings with a CPU-only one."""
+    return binding_ops(tmp_path_factory)
+
+
+def test_wrapper_through_the_binding_on_meta(binding, monkeypatch):
+    """ops/cuda_ext's decode_gemm and quant_linear_cuda into the binding's schema and Meta kernel (what
+    torch.compile and graph capture see): output shapes and dtypes with leading dims, act order and bias, and the
+    binding's checks reaching the caller (the kernel itself: the replay above and the GPU tests below)."""
+    from qwen2vl_fast.ops import cuda_ext
+
+    monkeypatch.setattr(cuda_ext, "_ops", lambda: binding)
+    monkeypatch.setattr(cuda_ext, "_COUNTERS", {})  # keeps meta counters out of the module's cache
+    meta = torch.device("meta")
+    w = _weight(72, 256, 4, 128, torch.bfloat16, 31).to(meta)
+    y = cuda_ext.decode_gemm(torch.empty(3, 256, dtype=torch.bfloat16, device=meta), w)
+    assert y.shape == (3, 72) and y.dtype == torch.bfloat16 and y.device == meta
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(32)).to(meta)
+    w_act = QuantizedWeight(w.qweight, w.scales, w.zeros, 4, 128, perm)
+    bias = torch.empty(72, dtype=torch.float32, device=meta)  # cast to x's dtype by the wrapper
+    y = cuda_ext.quant_linear_cuda(torch.empty(2, 5, 256, dtype=torch.bfloat16, device=meta), w_act, bias)
+    assert y.shape == (2, 5, 72) and y.dtype == torch.bfloat16 and y.device == meta
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        cuda_ext.decode_gemm(torch.empty(17, 256, dtype=torch.bfloat16, device=meta), w)
+    with pytest.raises(RuntimeError, match="scales must be Half like x"):
+        cuda_ext.decode_gemm(torch.empty(2, 256, dtype=torch.float16, device=meta), w)
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------------
-
-def _extension():
-    try:
-        from qwen2vl_fast import _C  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"the CUDA extension qwen2vl_fast._C is not built ({e})")
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -502,7 +528,7 @@ def _extension():
 @pytest.mark.parametrize("n,k,group", [(72, 96, 32), (200, 384, 128), (3584, 3584, 128), (4608, 3584, -1),
                                        (3584, 18944, 128)])
 def test_gpu_decode_kernel_matches_reference(m, n, k, group, bits, dtype):
-    _extension()
+    extension_ops()
     from qwen2vl_fast.ops.cuda_ext import decode_gemm
 
     w = _weight(n, k, bits, group, dtype, m + n).to("cuda")
@@ -515,7 +541,7 @@ def test_gpu_decode_kernel_matches_reference(m, n, k, group, bits, dtype):
 
 @pytest.mark.gpu
 def test_gpu_op_rejects_bad_input():
-    _extension()
+    extension_ops()
     from qwen2vl_fast.ops.cuda_ext import decode_gemm
 
     w = _weight(72, 128, 4, 32, torch.bfloat16, 23).to("cuda")
@@ -533,7 +559,7 @@ def test_gpu_quantized_model_decodes_on_cuda_graphs(tiny_checkpoints, bits):
     """A quantized tiny model on the GPU with the cuda backend: quant_linear resolves to the CUDA implementation,
     the engine's graph-captured decode gives the eager decode's tokens, and the logits equal the dequantized
     bf16 twin's within kernel tolerance."""
-    _extension()
+    extension_ops()
     import qwen2vl_fast
     from qwen2vl_fast.engine import Engine
     from test_quant_model import QUANTIZED, random_quantized
