@@ -92,11 +92,9 @@ def runtime_shape(s: GemmShape) -> GemmShape:
     """The shape the runtime's weights have: MLP widths zero-padded to its alignment where `qwen2vl_fast.load`
     pads them (qwen2vl_fast.align; Qwen2.5-VL's vision 3420 -> 3456). Ours and auto run that shape, the PyTorch
     alternatives the checkpoint's; FLOPs and bytes count the checkpoint's (the useful work)."""
+    from qwen2vl_fast.align import aligned_width
+
     if not s.mlp_role:
-        return s
-    try:
-        from qwen2vl_fast.align import aligned_width
-    except ImportError:
         return s
     width = aligned_width(s.mlp_width)
     if width == s.mlp_width:
@@ -253,7 +251,7 @@ def main(argv=None) -> int:
 
     def after_case(case, rows, summary):
         payload["goals"] = goals(payload["cases"] + [summary])
-        if auto is not None and hasattr(auto, "dispatch_report"):  # what the measured dispatch picked, and why
+        if auto is not None:  # what the measured dispatch picked, and why
             payload["dispatch_report"] = auto.dispatch_report()
 
     cases = (gemm_case(named, dtype, device, auto, compile_ok) for named in shapes)

@@ -118,11 +118,11 @@ def decode_row(impl, batch, decode_times, cost, ceilings, **extra) -> dict:
 
 
 def tune_for_image(model, image) -> dict:
-    """`qwen2vl_fast.tune` at the image prompt's shapes where the package has it (the engine's warm-up measures the
-    text and decode shapes; image shapes would otherwise be measured by the first image request)."""
+    """`qwen2vl_fast.tune` at the image prompt's shapes (the engine's warm-up measures the text and decode shapes;
+    image shapes would otherwise be measured by the first image request)."""
     import qwen2vl_fast
 
-    if image is None or not hasattr(qwen2vl_fast, "tune"):
+    if image is None:
         return {}
     t0 = time.perf_counter()
     report = qwen2vl_fast.tune(model, image)

@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         yield from reference_cases(vs, device, dtype, auto, compile_ok)
 
     def after_case(case, rows, summary):
-        if auto is not None and hasattr(auto, "dispatch_report"):
+        if auto is not None:
             payload["dispatch_report"] = auto.dispatch_report()
     compare.run_cases(cases(), ceilings, out, payload, device=device, warmup=args.warmup, rep=args.reps,
                       on_case=after_case)

@@ -68,18 +68,12 @@ def runtime_vision_weights(cfg, hub: dict) -> tuple[dict, str]:
     """The fused weights as `qwen2vl_fast.load` would hold them: MLP widths zero-padded to the runtime's alignment
     where the package pads them (qwen2vl_fast.align, exact: zero columns add zeros). Returns (weights, what was
     done) so the result says which shapes ours ran."""
-    try:
-        from qwen2vl_fast.align import pad_mlp_widths
-    except ImportError:
-        return fused_vision_weights(cfg, hub), "none (no qwen2vl_fast.align)"
+    from qwen2vl_fast.align import pad_mlp_widths
 
     class VisionOnly(dict):  # the decoder's MLPs are absent: seen as non-tensors, which pad_mlp_widths skips
         def __missing__(self, key):
             return None
-    try:
-        weights = pad_mlp_widths(cfg, VisionOnly(fused_vision_weights(cfg, hub)))
-    except Exception as e:  # an align module this code does not know: run unpadded, and say so
-        return fused_vision_weights(cfg, hub), f"not applied: {type(e).__name__}: {str(e)[:120]}"
+    weights = pad_mlp_widths(cfg, VisionOnly(fused_vision_weights(cfg, hub)))
     return dict(weights), "pad_mlp_widths"
 
 

@@ -19,7 +19,6 @@ The rules it enforces:
 
 from __future__ import annotations
 
-import inspect
 import os
 import tempfile
 import time
@@ -70,10 +69,7 @@ def auto_table(device):
     reused. Its first call at a shape measures the candidates: the warm-up, outside the timing."""
     from qwen2vl_fast.ops import resolve
 
-    kw = {}
-    if "cache_path" in inspect.signature(resolve).parameters:
-        kw["cache_path"] = os.path.join(tempfile.mkdtemp(prefix="bench_dispatch."), "dispatch.json")
-    return resolve("auto", device, **kw)
+    return resolve("auto", device, cache_path=os.path.join(tempfile.mkdtemp(prefix="bench_dispatch."), "dispatch.json"))
 
 
 def _variants(c) -> list:

@@ -90,7 +90,7 @@ def _print_measured(measured: dict, dev) -> None:
 
 def _cmd_tune(args) -> int:
     from .engine import Engine
-    from .testing.inputs import image_prompt, text_prompt
+    from .testing.inputs import image_prompt
     from .tuning import measuring
 
     device = torch.device(args.device)
