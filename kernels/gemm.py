@@ -139,19 +139,27 @@ class GemmConfig(NamedTuple):
 
 
 # Hopper (H100/H200) table, bf16/fp16. Shared memory per stage = (BM + BN [+ BN dual]) * BK * 2 bytes, of 227 KB.
-# Register counts are ptxas's for sm_90 (Triton 3.6, compiled offline: no GPU was at hand to time them).
+# Registers and shared memory are ptxas's for sm_90a (Triton 3.6) at every preset's real shapes, compiled offline
+# by kernels/aot_sweep.py (tests/test_aot_sm90.py); no GPU was at hand to time them.
 # - 128x256x64, 8 warps, 3 stages (144 KB): large GEMMs without activation (M >= 1024, N >= 2048: qkv 3840,
-#   LLM q/k/v, lm_head); two warpgroups each own a 64x256 wgmma accumulator (128 regs/thread; 170 in all).
+#   LLM q/k/v, lm_head); two warpgroups each own a 64x256 wgmma accumulator (128 regs/thread; 174-176 in all).
 # - 128x128x64, 4 warps, 4 stages (128 KB): no activation, mid-size M or narrow N (proj / fc2 / down, N = 1280):
-#   256-wide tiles would leave most of the 132 SMs idle at N = 1280 (5 column tiles). 232-248 regs, no spill.
-# - activation epilogues (QuickGELU, GELU), M > 64: 128x128x64 with 8 warps, 4 stages (125-137 regs). Rejected:
+#   256-wide tiles would leave most of the 132 SMs idle at N = 1280 (5 column tiles). 190-232 regs, no spill.
+# - activation epilogues (QuickGELU, GELU), M > 64: 128x128x64 with 8 warps, 4 stages (125-128 regs). Rejected:
 #   128x256 (255 regs + 16-64 B of stack: erf/exp temporaries on top of the 128-register accumulator) and
 #   128x128 with 4 warps (GELU: 200 B of stack).
 # - dual (SWIGLU), M > 64: 128x128x64, 8 warps, 3 stages (144 KB; two 128x128 fp32 accumulators = 128
-#   regs/thread, 255 in all, no spill); a 128x256 dual tile would need 256 accumulator registers per thread.
-# - 17 <= M <= 64 (small batches): 64-row tiles (the smallest wgmma M), 4 stages to keep the weight stream busy.
+#   regs/thread, 174 in all); a 128x256 dual tile would need 256 accumulator registers per thread. With a
+#   bias (the Qwen2.5-VL vision MLP) the two bias rows take it to 255 registers, the cap, where Triton 3.9 spills
+#   8 B: 128x64x64, 8 warps, 4 stages instead (128 KB, 152-164 regs; gate + up columns: a plain 128x128 tile).
+# - 17 <= M <= 64 (small batches): 64-row tiles (the smallest wgmma M), 4 stages to keep the weight stream busy;
+#   114-158 regs, 96 KB (32-row tiles for M <= 32: 96-127 regs, 60 KB). Triton 3.9 (ptxas 13) spills 8 B in the
+#   32-row fit without epilogue at 96 registers; 8 warps avoid that but spill 4 B in the patch embedding's
+#   (K = 1176), so the table stays on what the pinned 3.6 compiles clean.
 # - M <= 16 (decode): a weight-bandwidth-bound GEMV; 16-row tiles (mma.sync), long BK = 128 for fewer, larger
-#   loads, and BN = 32 when 64-wide columns would give fewer programs than SMs (N = 3584: 56 < 132).
+#   loads, and BN = 32 when 64-wide columns would give fewer programs than SMs (N = 3584: 56 < 132). 40-64 regs,
+#   36-60 KB. Dual with 8 warps (56-64 regs, 108 KB): at 4 warps it took 96 registers and, under Triton 3.9,
+#   spilled 12 B in the M = 1 specialisation.
 # - fp32 (ieee, no tensor cores: FMA-bound, the parity/testing path): 64x64x32, 4 warps; dual with 8 warps
 #   (4 warps: 224 B of stack).
 # Rejected: BK = 128 for the large tiles (smem allows only 2 stages, latency no longer hidden).
@@ -159,9 +167,11 @@ _LARGE = GemmConfig(128, 256, 64, 8, 8, 3)
 _MID = GemmConfig(128, 128, 64, 8, 4, 4)
 _ACT = GemmConfig(128, 128, 64, 8, 8, 4)
 _DUAL = GemmConfig(128, 128, 64, 8, 8, 3)
+_DUAL_BIAS = GemmConfig(128, 64, 64, 8, 8, 4)
 _SMALL_M = GemmConfig(64, 128, 64, 8, 4, 4)
 _SMALL_M_DUAL = GemmConfig(64, 64, 64, 8, 4, 4)
 _DECODE = GemmConfig(16, 64, 128, 1, 4, 4)
+_DECODE_DUAL = GemmConfig(16, 64, 128, 1, 8, 4)
 _FP32 = GemmConfig(64, 64, 32, 8, 4, 3)
 _FP32_DUAL = GemmConfig(64, 64, 32, 8, 8, 3)
 
@@ -174,20 +184,20 @@ def _num_sms(device: torch.device) -> int:
 
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "none",
-                device: torch.device = torch.device("cpu")) -> GemmConfig:
-    """The tile config for an (M, N, K) problem (N: output columns). Tiles are shrunk to the problem (never
-    below 16, tl.dot's minimum) so small problems do not compute on padding."""
+                device: torch.device = torch.device("cpu"), *, bias: bool = False) -> GemmConfig:
+    """The tile config for an (M, N, K) problem (N: output columns) with or without a bias. Tiles are shrunk to
+    the problem (never below 16, tl.dot's minimum) so small problems do not compute on padding."""
     dual = epilogue == "swiglu"
     if dtype == torch.float32:
         cfg = _FP32_DUAL if dual else _FP32
     elif M <= 16:
-        cfg = _DECODE
+        cfg = _DECODE_DUAL if dual else _DECODE
         if triton.cdiv(N, cfg.block_n) < _num_sms(device):
             cfg = cfg._replace(block_n=32)
     elif M <= 64:
         cfg = _SMALL_M_DUAL if dual else _SMALL_M
     elif dual:
-        cfg = _DUAL
+        cfg = _DUAL_BIAS if bias else _DUAL
     elif epilogue != "none":
         cfg = _ACT
     elif M >= 1024 and N >= 2048:
@@ -253,7 +263,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     if K == 0:
         raise ValueError("K = 0: nothing to reduce")
 
-    cfg = config or pick_config(M, N, K, x.dtype, epilogue, x.device)
+    cfg = config or pick_config(M, N, K, x.dtype, epilogue, x.device, bias=bias is not None)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _gemm_kernel[grid](
         x2, weight, bias if bias is not None else y, y,

@@ -303,9 +303,9 @@ class Config:
 #   at 8; 16 warps: 62 registers, no spills (32x16 at 4 warps also fits, but doubles the interpreter's steps).
 # Decode (per program: one kv head's group padded to 16 rows, one split of keys):
 # - 16-bit: BLOCK_N 64 / 4 warps / 3 stages: K+V per block 2 x 64 x 128 x 2 B = 32 KB, two blocks in flight
-#   per CTA (ptxas: 70 KB shared, 136 registers -> 3 CTAs/SM): more than the ~15-20 KB per SM that Little's law
-#   asks for at HBM3 latency, so the splits' CTAs saturate bandwidth. mma.sync m16n8k16 (wgmma needs 64 rows;
-#   the group has <= 16).
+#   per CTA (ptxas: 70 KB shared, 127-138 registers by GQA ratio and split count -> 3 CTAs/SM): more than the
+#   ~15-20 KB per SM that Little's law asks for at HBM3 latency, so the splits' CTAs saturate bandwidth.
+#   mma.sync m16n8k16 (wgmma needs 64 rows; the group has <= 16).
 # - FP32: BLOCK_N 32 / 16 warps / 2 stages (ieee FMA dot: 4 warps spill 576 B, 8 warps 48 B; 16: 128 registers).
 _PREFILL_LONG = Config(block_m=128, block_n=64, num_warps=8, num_stages=3)
 _PREFILL_SHORT = Config(block_m=64, block_n=64, num_warps=4, num_stages=3)

@@ -23,9 +23,11 @@ Numerics (REFERENCE.md §3), bit-identical to the references in every dtype:
   add.rn.bf16, which round identically). enable_fp_fusion=False is essential in every dtype: with it on, the
   product and the add fuse into fma.rn.{f32,bf16,f16}, one rounding fewer than torch (checked in the sm_90 test).
 - tl.cos / tl.sin compile to libdevice's __nv_cosf / __nv_sinf (full range reduction, not the .approx
-  instructions; checked in the sm_90 test), as torch's CUDA cos/sin do. Under the interpreter they are numpy's
-  float32 cos/sin, which differ from torch's CPU (SLEEF) ones by 1 fp32 ulp on ~15% of angles: there the fused
-  tables can differ from mrope_cos_sin's by one ulp of the model dtype (tests/test_kernels_mrope.py).
+  instructions; checked in the sm_90 test), as torch's CUDA cos/sin do; their Payne-Hanek path for huge angles
+  keeps a small local array, so ptxas reports a 32-byte stack frame (no spill) for the kernels that evaluate them
+  (kernels/aot_sweep.py). Under the interpreter they are numpy's float32 cos/sin, which differ from torch's CPU
+  (SLEEF) ones by 1 fp32 ulp on ~15% of angles: there the fused tables can differ from mrope_cos_sin's by one ulp
+  of the model dtype (tests/test_kernels_mrope.py).
 
 Launch: one program per token. A token's q heads form one (next_pow2(Hq), next_pow2(D/2)) tile of first halves
 and one of second halves, likewise k and v; cos/sin (loaded or computed) are shared by all its heads. The kernel

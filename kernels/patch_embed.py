@@ -87,6 +87,8 @@ def _patch_embed_frames_kernel(
 # O(BM * BK) and is repeated for every column tile, the MMA costs O(BM * BN * BK): a wide BN = 256 (E = 1280:
 # 5 column tiles) halves the prologue's share against BN = 128. The A tile is produced in registers (no cp.async
 # for it), so 3 stages only pipeline the weight stream; 8 warps to have enough threads for the gather.
+# ptxas (sm_90a, Triton 3.6 and 3.9): 227-236 registers for an image (T = 1, specialised), 255 for a video: the
+# cap, no spill yet; 57 KB shared. First alternative should a Triton release spill it: BN = 128 (157-197).
 # fp32 (ieee, FMA path): 64x64x32 as in gemm.py.
 _FRAMES = GemmConfig(128, 256, 32, 8, 8, 3)
 _FRAMES_FP32 = GemmConfig(64, 64, 32, 8, 4, 3)

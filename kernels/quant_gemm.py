@@ -159,15 +159,21 @@ class QuantGemmConfig(NamedTuple):
 
 
 # Hopper (H100/H200) table, fp16/bf16. NOT yet timed on a GPU (none was at hand): starting points to tune.
-# - decode (M <= 16): 16 x 128 x 128, 4 warps, 4 stages. Per stage 16 x 128 x 2 B of x + (128 / PACK) x 128 x 4 B
-#   of words (8 KB int4, 16 KB int8): 40-72 KB in flight per program; wide rows (512 B of words per k-row) for
-#   coalescing; split-K (two-pass) fills the SMs.
-# - 17 <= M <= 64: 64 x 128 x 64, 4 warps, 4 stages.
+# Registers and shared memory: ptxas for sm_90a (Triton 3.6) at the 7B / 72B shapes (kernels/aot_sweep.py).
+# - decode (M <= 16): 16 x 128 x BLOCK_K, 4 warps, 4 stages, BLOCK_K = 16 rows of packed words (128 for int4,
+#   64 for int8): per stage 16 x 128 x 4 B = 8 KB of words + 16 x BLOCK_K x 2 B of x; wide rows (512 B of words
+#   per word row) for coalescing; split-K (two-pass) fills the SMs. int4: 163-168 registers, 68 KB shared.
+#   The unpacked (BLOCK_K, 128) fp32 tile is what costs registers: int8 at BLOCK_K 128 (32 word rows on top of
+#   the same unpacked tile) took 255 registers and spilled 4 B (8 warps: still 220); at 64 it takes 128
+#   registers and 46 KB, so four CTAs fit per SM instead of two and as many weight bytes stay in flight.
+# - 17 <= M <= 64: 64 x 128 x 64, 4 warps, 4 stages (133-168 registers, 40-72 KB).
 # - M > 64 (prefill): 128 x 128 x 64, 8 warps, 3 stages (the unpack/dequant temporaries of the 64 x 128 weight
-#   tile are spread over 256 threads; 128 x 256 would double them on top of a 128-register accumulator).
+#   tile are spread over 256 threads; 128 x 256 would double them on top of a 128-register accumulator):
+#   124-171 registers, 72-80 KB.
 # - fp32 (ieee dot, no tensor cores: the parity/testing path): 16/64 x 64 x 32, 4 warps.
 # BLOCK_K is shrunk to the group size when the group is smaller (fewer scale rows per step; see the kernel).
 _DECODE = QuantGemmConfig(16, 128, 128, 1, 4, 4)
+_DECODE_INT8 = QuantGemmConfig(16, 128, 64, 1, 4, 4)
 _SMALL_M = QuantGemmConfig(64, 128, 64, 8, 4, 4)
 _PREFILL = QuantGemmConfig(128, 128, 64, 8, 8, 3)
 _FP32_DECODE = QuantGemmConfig(16, 64, 32, 1, 4, 3)
@@ -176,12 +182,12 @@ _MAX_SPLIT = 16
 
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, group: int,
-                device: torch.device = torch.device("cpu")) -> QuantGemmConfig:
-    """The tile config for an (M, N, K) problem with quantisation group `group` (K for one group)."""
+                device: torch.device = torch.device("cpu"), *, bits: int = 4) -> QuantGemmConfig:
+    """The tile config for an (M, N, K) problem with quantisation group `group` (K for one group) and `bits`."""
     if dtype == torch.float32:
         cfg = _FP32_DECODE if M <= 16 else _FP32
     elif M <= 16:
-        cfg = _DECODE
+        cfg = _DECODE_INT8 if bits == 8 else _DECODE
     elif M <= 64:
         cfg = _SMALL_M
     else:
@@ -246,7 +252,7 @@ def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if K == 0:
         raise ValueError("K = 0: nothing to reduce")
 
-    cfg = config or pick_config(M, N, K, x.dtype, group, x.device)
+    cfg = config or pick_config(M, N, K, x.dtype, group, x.device, bits=bits)
     if cfg.block_k % pack or cfg.block_k < 16:
         raise ValueError(f"block_k {cfg.block_k} must be >= 16 and a multiple of {pack}")
     split = max(1, min(_split_count(M, N, K, cfg, x.device), triton.cdiv(K, cfg.block_k)))

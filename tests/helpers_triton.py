@@ -32,7 +32,21 @@ def ptx_for_sm90(jobs, tmp_path):
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
     path = tmp_path / "jobs.json"
     path.write_text(json.dumps(jobs))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _SM90_COMPILER, str(path)], env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", _SM90_COMPILER, str(path)], env=_compiling_env(), capture_output=True,
+                         text=True, check=False)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(path.read_text())
+
+
+def _compiling_env() -> dict:
+    """This process's environment without TRITON_INTERPRET: Triton picks the interpreter or the compiler when a
+    kernel module is imported, so compiling needs a fresh process."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def run_without_interpreter(args, tmp_path, timeout=1800):
+    """`python *args` in a subprocess with compiled Triton kernels and a Triton cache of its own under tmp_path
+    (the user's cache is left alone)."""
+    env = dict(_compiling_env(), TRITON_CACHE_DIR=str(tmp_path / "triton_cache"))
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
