@@ -153,9 +153,9 @@ class GemmConfig(NamedTuple):
 #   bias (the Qwen2.5-VL vision MLP) the two bias rows take it to 255 registers, the cap, where Triton 3.9 spills
 #   8 B: 128x64x64, 8 warps, 4 stages instead (128 KB, 152-164 regs; gate + up columns: a plain 128x128 tile).
 # - 17 <= M <= 64 (small batches): 64-row tiles (the smallest wgmma M), 4 stages to keep the weight stream busy;
-#   114-158 regs, 96 KB (32-row tiles for M <= 32: 96-127 regs, 60 KB). Triton 3.9 (ptxas 13) spills 8 B in the
-#   32-row fit without epilogue at 96 registers; 8 warps avoid that but spill 4 B in the patch embedding's
-#   (K = 1176), so the table stays on what the pinned 3.6 compiles clean.
+#   114-158 regs, 96 KB. M <= 32: 32x64x64 (4 warps): the 32x128 fit of the 64-row tile spilled 8 B at 96
+#   registers under Triton 3.9 (ptxas 13) and 3.8 and 3.6 compile it clean too, and twice the column tiles keep
+#   more SMs streaming the weight at these weight-bound sizes (8 warps instead spilled 4 B in the patch embedding).
 # - M <= 16 (decode): a weight-bandwidth-bound GEMV; 16-row tiles (mma.sync), long BK = 128 for fewer, larger
 #   loads, and BN = 32 when 64-wide columns would give fewer programs than SMs (N = 3584: 56 < 132). 40-64 regs,
 #   36-60 KB. Dual with 8 warps (56-64 regs, 108 KB): at 4 warps it took 96 registers and, under Triton 3.9,
@@ -169,6 +169,7 @@ _ACT = GemmConfig(128, 128, 64, 8, 8, 4)
 _DUAL = GemmConfig(128, 128, 64, 8, 8, 3)
 _DUAL_BIAS = GemmConfig(128, 64, 64, 8, 8, 4)
 _SMALL_M = GemmConfig(64, 128, 64, 8, 4, 4)
+_SMALL_M32 = GemmConfig(32, 64, 64, 8, 4, 4)
 _SMALL_M_DUAL = GemmConfig(64, 64, 64, 8, 4, 4)
 _DECODE = GemmConfig(16, 64, 128, 1, 4, 4)
 _DECODE_DUAL = GemmConfig(16, 64, 128, 1, 8, 4)
@@ -195,7 +196,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: str = "non
         if triton.cdiv(N, cfg.block_n) < _num_sms(device):
             cfg = cfg._replace(block_n=32)
     elif M <= 64:
-        cfg = _SMALL_M_DUAL if dual else _SMALL_M
+        cfg = _SMALL_M_DUAL if dual else (_SMALL_M32 if M <= 32 else _SMALL_M)
     elif dual:
         cfg = _DUAL_BIAS if bias else _DUAL
     elif epilogue != "none":
