@@ -229,9 +229,7 @@ def goals(summaries: list) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    for knob in ("recompile_limit", "cache_size_limit"):  # one compiled reference per shape: allow them all
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 256)
+    compare.allow_recompiles(256)
     cuda = device.type == "cuda"
     ceilings = roofline.device_ceilings(device, dtype)
     l2 = args.l2_bytes or harness.l2_cache_bytes(device)
@@ -249,10 +247,11 @@ def main(argv=None) -> int:
     if not any(fast_impls("linear", device)):
         print("note: no fast GEMM runs here (on the CPU set TRITON_INTERPRET=1 for the Triton interpreter)")
 
+    keep_report = compare.record_dispatch(payload, auto)
+
     def after_case(case, rows, summary):
         payload["goals"] = goals(payload["cases"] + [summary])
-        if auto is not None:  # what the measured dispatch picked, and why
-            payload["dispatch_report"] = auto.dispatch_report()
+        keep_report(case, rows, summary)
 
     cases = (gemm_case(named, dtype, device, auto, compile_ok) for named in shapes)
     compare.run_cases(cases, ceilings, out, payload, device=device, warmup=args.warmup, rep=args.reps, l2_bytes=l2,

@@ -185,9 +185,7 @@ def main(argv=None) -> int:
     if not cuda and not args.smoke:
         print("bench_llm_kernels needs a CUDA device (or --smoke for the CPU test of the script)")
         return 1
-    for knob in ("recompile_limit", "cache_size_limit"):  # one compiled reference per shape: allow them all
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 256)
+    compare.allow_recompiles(256)
     shapes = {"tiny": SMOKE_SHAPE} if args.smoke else {k: SHAPES[k] for k in args.shapes}
     sizes = SMOKE if args.smoke else REAL
     compile_ok = cuda and not args.no_compile
@@ -207,11 +205,8 @@ def main(argv=None) -> int:
                     case.label, case.meta = f"{name} {case.label}", dict(shape=name)
                     yield case
 
-    def after_case(case, rows, summary):
-        if auto is not None:
-            payload["dispatch_report"] = auto.dispatch_report()
     compare.run_cases(cases(), ceilings, out, payload, device=device, warmup=args.warmup, rep=args.reps,
-                      on_case=after_case)
+                      on_case=compare.record_dispatch(payload, auto))
     print("result:", out.finish(payload))
     return 0
 

@@ -51,7 +51,6 @@ from bench import flops, harness, results, roofline
 from qwen2vl_fast.config import load_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-IM_START, VISION_START, VISION_END, IMAGE_PAD = 151644, 151652, 151653, 151655
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -115,26 +114,14 @@ def ensure_checkpoint(preset: str, dtype: torch.dtype, seed: int = 0) -> str:
 
 
 def build_inputs(cfg, width: int, height: int, text_tokens: int, seed: int) -> dict:
-    """input_ids = <|im_start|>, text, <|vision_start|>, N/4 <|image_pad|>, <|vision_end|>, text (batch 1).
+    """One image prompt (qwen2vl_fast.testing.inputs.image_prompt: <|im_start|>, text, the image's pads, text;
+    random pixel_values in the processor's (N, 1176) layout); a bad size or token count ends the script."""
+    from qwen2vl_fast.testing.inputs import image_prompt
 
-    grid = (1, H/14, W/14); pixel_values random float32 (N, 1176), the shape the processor emits. Text ids are
-    random in [0, 1000); `text_tokens` counts every token outside the vision span.
-    """
-    v = cfg.vision
-    unit = v.patch_size * v.spatial_merge_size
-    if width % unit or height % unit or width <= 0 or height <= 0:
-        raise SystemExit(f"--image {width}x{height}: both sides must be positive multiples of {unit}")
-    if text_tokens < 1:
-        raise SystemExit("--text-tokens must be >= 1 (the <|im_start|> token)")
-    gh, gw = height // v.patch_size, width // v.patch_size
-    n = gh * gw
-    gen = torch.Generator().manual_seed(seed)
-    text = torch.randint(0, 1000, (text_tokens - 1,), generator=gen).tolist()
-    half = len(text) // 2
-    ids = [IM_START, *text[:half], VISION_START, *[IMAGE_PAD] * (n // v.merge_unit), VISION_END, *text[half:]]
-    return dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                pixel_values=torch.randn(n, v.patch_dim, generator=gen),
-                image_grid_thw=torch.tensor([[1, gh, gw]]))
+    try:
+        return image_prompt(cfg, width, height, text_tokens, seed)
+    except ValueError as e:
+        raise SystemExit(f"--image {width}x{height} / --text-tokens {text_tokens}: {e}") from None
 
 
 def load_ours(ckpt, device, dtype, backend="auto"):

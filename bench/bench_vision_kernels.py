@@ -187,9 +187,7 @@ def main(argv=None) -> int:
     if not cuda and not args.smoke:
         print("bench_vision_kernels needs a CUDA device (or --smoke for the CPU test of the script)")
         return 1
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 64)
+    compare.allow_recompiles(64)
     vs = SMOKE if args.smoke else REAL
     ceilings = roofline.device_ceilings(device, dtype)
     auto = None if args.no_auto else compare.auto_table(device)
@@ -202,11 +200,8 @@ def main(argv=None) -> int:
         yield from attention_cases(vs, device, dtype, auto)
         yield from reference_cases(vs, device, dtype, auto, compile_ok)
 
-    def after_case(case, rows, summary):
-        if auto is not None:
-            payload["dispatch_report"] = auto.dispatch_report()
     compare.run_cases(cases(), ceilings, out, payload, device=device, warmup=args.warmup, rep=args.reps,
-                      on_case=after_case)
+                      on_case=compare.record_dispatch(payload, auto))
     print("result:", out.finish(payload))
     return 0
 

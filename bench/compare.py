@@ -72,6 +72,22 @@ def auto_table(device):
     return resolve("auto", device, cache_path=os.path.join(tempfile.mkdtemp(prefix="bench_dispatch."), "dispatch.json"))
 
 
+def allow_recompiles(limit: int) -> None:
+    """torch.compile'd references are compiled once per shape: let dynamo keep `limit` of them."""
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, limit)
+
+
+def record_dispatch(payload: dict, auto) -> Callable:
+    """An on_case hook for run_cases: keeps the measured dispatch's report (what auto picked, and the times
+    behind it) in the result after every case."""
+    def on_case(case, rows, summary):
+        if auto is not None:
+            payload["dispatch_report"] = auto.dispatch_report()
+    return on_case
+
+
 def _variants(c) -> list:
     return list(c) if isinstance(c, (list, tuple)) else [c]
 
