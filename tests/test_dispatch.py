@@ -410,3 +410,21 @@ def test_cuda_timer_flushes_l2_and_times_only_the_call(monkeypatch):
     log.clear()
     timing.time_call(call(0.1), (x,), dev, warmup=0, reps=50, budget_s=0.5)
     assert log.count("call") == 3  # 3 x 0.1 s measured, 50 would exceed the 0.5 s budget
+
+
+def test_nothing_is_measured_while_a_cuda_graph_is_captured(tmp_path, monkeypatch):
+    """Inside a capture the winner (or the untuned default) is recorded into the graph, never a timing loop."""
+    import qwen2vl_fast.ops.dispatch as dispatch_mod
+    from qwen2vl_fast.ops.dispatch import Dispatch, MeasuredOp
+
+    monkeypatch.setattr(dispatch_mod, "fingerprint", lambda dev: {**fingerprint("cpu"), "device": "fake-gpu"})
+    timer = Timings()
+    d = Dispatch("cuda", "measure", tmp_path / "d.json", timer)  # a CUDA dispatch, faked (no GPU here)
+    ref = get_op("linear").reference
+    op = MeasuredOp("linear", {"torch": ref, "triton": ref}, "torch", d, ref)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    op(*linear_args(4))
+    assert timer.calls == [] and op.winners == {}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    op(*linear_args(4))
+    assert len(timer.calls) == 2 and op.winners == {"float32 M4 N32 K64": "triton"}
