@@ -6,16 +6,22 @@ tens of ms per step for the loop form). The idea: walk the valid tokens of a row
 that advances by 1 per text token and by a vision span's *extent* once per span (the extent is
 max(t_last, Hm - 1, Wm - 1) + 1, so the text after the span resumes at max + 1). An exclusive cumulative sum
 of those per-token advances gives every token's base; vision tokens add their (t, h, w) offsets to it.
+
+The vision rotary tables and window orders are cached per grid in `TABLE_CACHE`, one LRU bounded in bytes
+(`bytes_lru.ByteLRU`): the tables grow with the image and the vision head_dim (a 16384-patch image at the real
+head_dim 80 holds 10 MiB of cos/sin), so a count-bounded cache grew by GiBs over requests of distinct sizes
+(issue 11). Budget: the environment variable QWEN2VL_FAST_TABLE_CACHE_MB (MiB, default 64, 0 turns the cache
+off), read at every insertion. Cached values never leave this module: `vision_metadata` copies them (cat, +).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .bytes_lru import ByteLRU, byte_lru_cache
 from .config import QWEN2_5_VL, ModelConfig
 from .errors import InputError
 from .ops.attention import VarlenMeta
@@ -170,11 +176,15 @@ def vision_metadata(cfg: ModelConfig, grid_thw, device) -> VisionMeta:
                       window_index=window_index, reverse_index=reverse, num_patches=cos.shape[0])
 
 
-@functools.lru_cache(maxsize=256)
+TABLE_CACHE_ENV = "QWEN2VL_FAST_TABLE_CACHE_MB"
+TABLE_CACHE = ByteLRU(budget_env=TABLE_CACHE_ENV, default_mb=64)
+
+
+@byte_lru_cache(TABLE_CACHE)
 def _rotary_table(head_dim: int, merge: int, window_units: int, t: int, h: int, w: int):
     """cos, sin (t*h*w, head_dim) fp32 for one grid, in the order the tower runs its tokens: merge-group order,
     permuted window by window when `window_units` > 0 (windows never cross items, so the permutation of a
-    batch is the per-item permutations placed side by side). Built once per (t, h, w), then reused."""
+    batch is the per-item permutations placed side by side). Built once per (t, h, w) and kept in TABLE_CACHE."""
     angles = _rotary_angles(head_dim, merge, t, h, w)
     if window_units:
         unit = merge * merge
@@ -184,12 +194,11 @@ def _rotary_table(head_dim: int, merge: int, window_units: int, t: int, h: int, 
     return emb.cos(), emb.sin()
 
 
-@functools.lru_cache(maxsize=256)
 def _rotary_angles(head_dim: int, merge: int, t: int, h: int, w: int) -> torch.Tensor:
     """(t*h*w, head_dim/2) fp32 angles [h * f_0..f_{k-1} | w * f_0..f_{k-1}] in merge-group token order.
 
-    Built on the host in fp32 as transformers does (outer product of positions and inverse frequencies),
-    cached per grid: the same image size costs nothing the second time."""
+    Built on the host in fp32 as transformers does (outer product of positions and inverse frequencies).
+    Not cached: its only caller, `_rotary_table`, is, and a second copy would cost a fifth more bytes per grid."""
     dim = head_dim // 2
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
     table = torch.outer(torch.arange(max(h, w), dtype=torch.float), inv_freq)
@@ -201,7 +210,7 @@ def _rotary_angles(head_dim: int, merge: int, t: int, h: int, w: int) -> torch.T
     return angles.repeat(t, 1)
 
 
-@functools.lru_cache(maxsize=256)
+@byte_lru_cache(TABLE_CACHE)
 def _window_order(t: int, lh: int, lw: int, units: int):
     """Merged units of a (t, lh, lw) grid reordered window by window.
 
