@@ -15,6 +15,7 @@ import json
 import os
 import struct
 import sys
+import warnings
 from contextlib import ExitStack
 
 import torch
@@ -64,6 +65,9 @@ def _index(path: str) -> dict[str, str] | None:
 def checkpoint_files(path) -> list[str]:
     """The safetensors files holding a checkpoint directory's weights (absolute paths, sorted)."""
     path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path {path!r} is a file; a checkpoint is the directory holding "
+                              f"config.json and the .safetensors files (here {os.path.dirname(path)!r}?)")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path!r} does not exist")
     weight_map = _index(path)
@@ -219,6 +223,9 @@ def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progres
         entries[name] = (file, headers[file][stored], stored)
     qcfg = QuantConfig.from_config(config.raw) if config.raw else None
     qprefixes, qnames = _split_quantized(entries, config, qcfg) if qcfg is not None else (set(), set())
+    if qcfg is not None and not qprefixes:
+        warnings.warn(f"{path}: config.json has a {qcfg.method.upper()} quantization_config but every weight is "
+                      "stored floating point; loading the model unquantized", stacklevel=2)
     checked = {n: e[:2] for n, e in entries.items() if n not in qnames}
     known = layout.hub_tensor_shapes(config, include_lm_head=True)
     for p in qprefixes:  # shapes of the packed tensors are checked by quant.formats when they are read

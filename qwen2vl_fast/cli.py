@@ -15,8 +15,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
+import os
+import re
 import sys
 import tempfile
 import time
@@ -31,6 +34,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def _cmd_write_checkpoint(args) -> int:
     from .testing.checkpoint_writer import checkpoint_bytes, write_random_checkpoint
 
+    try:  # refuse an unusable --out before generating gigabytes of weights
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise Qwen2VLFastError(f"--out {args.out!r}: cannot create the directory ({e.strerror})") from None
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        raise Qwen2VLFastError(f"--out {args.out!r}: the directory is not writable")
     t0 = time.perf_counter()
     out = write_random_checkpoint(args.out, args.preset, dtype=_DTYPES[args.dtype], seed=args.seed,
                                   max_shard_bytes=int(args.max_shard_mb * 2**20), key_scheme=args.key_scheme)
@@ -55,10 +64,11 @@ def _cmd_presets(args) -> int:
 
 
 def _cmd_ops(args) -> int:
+    from .model import check_device
     from .ops import available
     from .ops.tuning_cache import TuningCache, fingerprint
 
-    device = torch.device(args.device) if args.device else None
+    device = check_device(args.device) if args.device else None  # `--device cuda` without CUDA says so here
     table = available(device)
     dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # measurements belong to a device that is here (its name and driver are part of the cache key)
@@ -74,7 +84,23 @@ def _cmd_ops(args) -> int:
         print(f"{name:18s} implementations: {','.join(info['implementations']):18s} auto -> "
               f"{('measured, else ' if raced else '') + info['auto']:22s} {info['doc']}")
     _print_measured(measured, dev)
+    print(f"\n{_extension_line()}")
     return 0
+
+
+def _extension_line() -> str:
+    """Whether the CUDA extension is in this install and, if not, why (pip hides setup.py's own line)."""
+    name = "CUDA extension qwen2vl_fast._C"
+    try:
+        from . import _C  # noqa: F401
+    except (ImportError, OSError) as e:
+        if torch.version.cuda is None:
+            return f"{name}: not built (torch {torch.__version__} is a CPU-only build)"
+        if isinstance(e, ModuleNotFoundError) and e.name == f"{__package__}._C":
+            return (f"{name}: not built (skipped when installing: no nvcc matching torch's CUDA "
+                    f"{torch.version.cuda}, or QWEN2VL_FAST_NO_CUDA set; pip install -v shows the reason)")
+        return f"{name}: not built (import error: {e})"
+    return f"{name}: built"
 
 
 def _print_measured(measured: dict, dev) -> None:
@@ -93,9 +119,9 @@ def _cmd_tune(args) -> int:
     from .testing.inputs import image_prompt
     from .tuning import measuring
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Qwen2VLFastError("--device cuda: this torch sees no CUDA device (a CPU-only build, or no GPU)")
+    from .model import check_device
+
+    device = check_device(args.device)
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.model, device=device, dtype=_DTYPES[args.dtype] if args.dtype else None,
                                     max_batch=args.max_batch, max_len=args.max_len, warmup=False,
@@ -137,8 +163,10 @@ def _demo_picture(h: int, w: int):
 
 def _cmd_demo(args) -> int:
     from .engine import Engine
+    from .model import check_device
     from .testing.checkpoint_writer import write_random_checkpoint
 
+    check_device(args.device)  # before writing a multi-GB checkpoint
     if args.preset is None:
         args.preset = "qwen2-vl-2b" if str(args.device).startswith("cuda") else "tiny-qwen2-vl"
     if args.dtype is None:
@@ -203,8 +231,9 @@ def _check_against_transformers(path, cfg, ids, pixels, grid, logits, dtype, dev
 
 def _cmd_generate(args) -> int:
     from .engine import Engine
+    from .model import check_device
 
-    device = args.device
+    device = check_device(args.device)
     dtype = _DTYPES[args.dtype] if args.dtype else None
     engine = Engine.from_pretrained(args.model, device=device, dtype=dtype, backend=args.backend, max_batch=1,
                                     cuda_graphs=not args.no_cuda_graphs, max_len=args.max_len)
@@ -223,8 +252,10 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
+    from .model import check_device
     from .quant.export import quantize_checkpoint
 
+    check_device(args.device)
     t0 = time.perf_counter()
     out = quantize_checkpoint(args.model, args.out, bits=args.bits, group_size=args.group_size, fmt=args.format,
                               method=args.method, sym=args.sym, act_order=args.act_order, device=args.device)
@@ -317,13 +348,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# input / output paths that do not exist or cannot be written: the user's to fix (2), unlike a full disk (1)
+_PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.EEXIST,
+                errno.ENAMETOOLONG}
+
+
 def main(argv=None) -> int:
+    """Exit status: 0 done, 2 bad input (a one-line `qwen2vl-fast: error: ...`), 1 a failure at run time (one
+    line too; QWEN2VL_FAST_DEBUG=1 re-raises it with its traceback), 130 interrupted (Ctrl-C, no traceback)."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        return 130  # 128 + SIGINT, as a shell reports it
     except Qwen2VLFastError as e:
-        print(f"qwen2vl-fast: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), 2)
+    except OSError as e:
+        message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}"
+        return _fail(message, 2 if e.errno in _PATH_ERRNOS else 1)
+    except Exception as e:
+        if os.environ.get("QWEN2VL_FAST_DEBUG"):
+            raise
+        return _fail(f"{type(e).__name__}: {e} (QWEN2VL_FAST_DEBUG=1 shows the traceback)", 1)
+
+
+def _fail(message: str, status: int) -> int:
+    one_line = re.sub(r":?\s*\n\s*", ": ", message.strip(), count=1)
+    one_line = re.sub(r"\s*\n\s*", "; ", one_line)
+    print(f"qwen2vl-fast: error: {one_line}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

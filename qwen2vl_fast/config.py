@@ -305,11 +305,20 @@ def _validate(cfg: ModelConfig) -> None:
     if t.num_attention_heads % t.num_key_value_heads:
         raise ConfigError(f"num_attention_heads {t.num_attention_heads} is not a multiple of "
                           f"num_key_value_heads {t.num_key_value_heads}")
+    if v.out_hidden_size != t.hidden_size:  # before mrope_section: an edited hidden_size shows here first
+        raise ConfigError(f"vision merger output {v.out_hidden_size} (vision_config "
+                          f"{'hidden_size' if v.family == QWEN2_VL else 'out_hidden_size'}) does not match the "
+                          f"language model hidden_size {t.hidden_size}")
+    if len(t.mrope_section) != 3:
+        raise ConfigError(f"mrope_section {list(t.mrope_section)} must have 3 parts (temporal, height, width)")
+    if sum(t.mrope_section) != t.head_dim // 2:
+        # head_dim is derived, so a mismatch is as likely an edited hidden_size / num_attention_heads
+        raise ConfigError(f"head_dim {t.head_dim} (hidden_size {t.hidden_size} / num_attention_heads "
+                          f"{t.num_attention_heads}) does not fit mrope_section {list(t.mrope_section)}, which must "
+                          f"sum to head_dim/2 = {t.head_dim // 2}: check hidden_size and num_attention_heads, "
+                          "then mrope_section")
     if t.head_dim % 2:
         raise ConfigError(f"head_dim {t.head_dim} must be even for rotary embeddings")
-    if len(t.mrope_section) != 3 or sum(t.mrope_section) != t.head_dim // 2:
-        raise ConfigError(f"mrope_section {list(t.mrope_section)} must have 3 parts summing to head_dim/2 = "
-                          f"{t.head_dim // 2}")
     if t.hidden_act != "silu":
         raise ConfigError(f"text hidden_act {t.hidden_act!r} is not supported (Qwen2 uses 'silu')")
     if not t.rms_norm_eps > 0:
@@ -322,10 +331,6 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"vision width {v.embed_dim} is not divisible by num_heads {v.num_heads}")
     if v.head_dim % 4:
         raise ConfigError(f"vision head_dim {v.head_dim} must be a multiple of 4 (2D rotary halves)")
-    if v.out_hidden_size != t.hidden_size:
-        raise ConfigError(f"vision merger output {v.out_hidden_size} (vision_config "
-                          f"{'hidden_size' if v.family == QWEN2_VL else 'out_hidden_size'}) does not match the "
-                          f"language model hidden_size {t.hidden_size}")
     if v.hidden_act not in _VISION_ACTS[v.family]:
         raise ConfigError(f"vision hidden_act {v.hidden_act!r} is not supported for {v.family} "
                           f"(expected {_VISION_ACTS[v.family][0]!r})")

@@ -17,6 +17,10 @@ class CheckpointError(Qwen2VLFastError):
     """A checkpoint directory is missing files or tensors, or holds truncated, mismatched or unexpected data."""
 
 
+class DeviceError(Qwen2VLFastError, ValueError):
+    """A device string is not a device, or names one this machine does not have (CUDA on a CPU-only torch)."""
+
+
 class InputError(Qwen2VLFastError, ValueError):
     """Model inputs (ids, masks, pixel values, grids) are malformed or disagree with each other."""
 
@@ -39,6 +43,13 @@ class VideoError(ProcessingError):
 
 class PromptError(ProcessingError):
     """A prompt or chat is malformed, its placeholders disagree with the media, or it exceeds the context."""
+
+
+class TokenizerError(ProcessingError):
+    """A checkpoint's tokenizer files exist but cannot be loaded (corrupt, or lacking the Qwen special tokens).
+
+    Not a `PromptError`: a missing tokenizer is tolerated at load (processed dicts still work), a broken one
+    is not."""
 
 
 class EngineError(Qwen2VLFastError):

@@ -18,7 +18,7 @@ import torch
 from .align import pad_mlp_widths
 from .checkpoint import load_checkpoint
 from .config import QWEN2_5_VL, ModelConfig, load_config
-from .errors import InputError
+from .errors import DeviceError, InputError
 from .language import LanguageModel
 from .layout import fused_tensor_shapes
 from .ops import OpTable, resolve
@@ -57,6 +57,29 @@ def _check_unsupported(kwargs: dict) -> None:
                              f"pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids, logits_to_keep")
 
 
+def check_device(device) -> torch.device:
+    """`device` as a torch.device, or a `DeviceError` saying why this machine cannot use it (checked before
+    any work, so a CPU-only machine does not first read or write gigabytes and then fail on CUDA)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"device {device!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            why = f"this torch ({torch.__version__}) is a CPU-only build"
+        elif not torch.cuda.is_available():
+            why = "no CUDA device visible (no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them)"
+        elif dev.index is not None and dev.index >= (n := torch.cuda.device_count()):
+            why = f"only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})"
+        else:
+            return dev
+        raise DeviceError(f"device {str(device)!r} is not available: {why}")
+    backend = getattr(torch, dev.type, None) if dev.type not in ("cpu", "meta") else None
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise DeviceError(f"device {str(device)!r} is not available on this machine")
+    return dev
+
+
 def resolve_dtype(dtype, cfg: ModelConfig) -> torch.dtype:
     """None or "auto" -> the checkpoint's `torch_dtype` (float32 if absent); strings and torch dtypes accepted."""
     if isinstance(dtype, torch.dtype):
@@ -88,8 +111,8 @@ def load(path: str | os.PathLike, device="cpu", dtype=None, backend: str = "auto
     the logits unchanged; `model.weights` / `state_dict()` hold the padded runtime tensors, and
     `align.strip_mlp_padding(model.config, model.state_dict())` gives the checkpoint's shapes back.
     """
+    device = check_device(device)
     cfg = load_config(path)
-    device = torch.device(device)
     dtype = resolve_dtype(dtype, cfg)
     ops = resolve(backend, device, cfg, dispatch=dispatch, cache_path=dispatch_cache)
     vision_dtype = torch.bfloat16 if (dtype == torch.float16 and cfg.model_type == QWEN2_5_VL) else dtype

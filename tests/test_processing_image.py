@@ -334,7 +334,7 @@ def test_bad_inputs_raise_image_error(proc, tmp_path):
                           (dict(min_pixels=0, max_pixels=500), "below one 28x28"), (dict(max_pixels=True), "positive")]:
         with pytest.raises(ImageError, match=words):
             proc(good, **budget)
-    with pytest.raises(ImageError, match="image 1 of 2"):
+    with pytest.raises(ImageError, match="image 2 of 2"):
         proc([good, 3.5])
     with pytest.raises(ImageError, match="larger than"):
         ImageProcessor(min_pixels=5000, max_pixels=4000)

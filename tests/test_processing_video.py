@@ -387,7 +387,7 @@ def test_bad_frames():
         proc(torch.zeros(0, 3, 48, 64, dtype=torch.uint8))
     with pytest.raises(VideoError, match="'video' key"):
         proc({"frames": []})
-    with pytest.raises(VideoError, match="video 1: .*missing.png"):
+    with pytest.raises(VideoError, match="video 2 of 2: .*missing.png"):
         proc([_frames(2), {"video": ["/nonexistent/missing.png"]}])
 
 

@@ -10,6 +10,21 @@ token per step per sequence from a preallocated KV cache, on CUDA graphs when th
 Positions follow the original release: prompt tokens get M-RoPE ids, decode positions are cache position +
 rope delta on all three axes. A failed request (bad input, cache too small, out of memory) raises a typed
 error and leaves the engine ready for the next one: the cache is only written, never resized.
+
+Sizes are checked before the expensive part: the number of prompts against max_batch, then each prompt's length
+(+ max_new_tokens) against the KV cache, counted from the text and the images' sizes alone (headers, no pixel
+decoded; `Processor.count_tokens`), before any image is resized or the vision tower runs. Videos are counted
+when they have been processed (their frame count needs the container), so a prompt too long because of a video
+is refused after preprocessing but still before the decoder.
+
+Defaults: the KV cache holds min(context, 8192) tokens per sequence, for max_batch (16) sequences; one image at
+the checkpoints' own 12.8 MP budget is up to 16k tokens, and 16 x 16k tokens of cache would take 15 GiB for the
+7B and 80 GiB for the 72B. Instead the image pixel budget is capped so that one image fills at most half the
+cache: max_pixels = min(the checkpoint's max_pixels, max_len // 2 * 784), i.e. 4096 tokens (3.2 MP) with the
+default cache. A 4000x3000 photo (15.3k tokens at 12.8 MP) is then resized to 2044x1540 (WxH, 4015 tokens) and
+fits, instead of running the vision tower for tens of seconds and failing. The cap is the same on every device,
+so a request gives the same tokens on the CPU and the GPU. For more, pass a larger `max_len` (the cap follows),
+`max_pixels=` (the engine's budget for every image) or {"type": "image", "image": ..., "max_pixels": N}.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ from .graphs import DecodeGraphs
 from .params import SamplingParams
 
 STOP_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>: the checkpoints' generation_config eos ids
+DEFAULT_MAX_LEN = 8192
 
 
 @dataclass
@@ -48,10 +64,15 @@ class TokenEvent:
 
 class Engine:
     def __init__(self, model, processor=None, max_batch: int = 16, max_len: Optional[int] = None,
-                 cuda_graphs: bool = True, stop_token_ids=STOP_TOKEN_IDS, warmup: Optional[bool] = None):
+                 cuda_graphs: bool = True, stop_token_ids=STOP_TOKEN_IDS, warmup: Optional[bool] = None,
+                 max_pixels: Optional[int] = None):
+        """max_len: KV cache tokens per sequence (default min(context, 8192)). max_pixels: the image pixel budget
+        of every request (per-image options still override it); default: the processor's, capped at
+        max_len // 2 * 784 so that one image fits in half the cache (see the module docstring)."""
         self.model, self.processor = model, processor
         cfg = model.config.text
-        self.max_len = int(max_len or min(cfg.max_position_embeddings, 8192))
+        self.max_len = int(max_len or min(cfg.max_position_embeddings, DEFAULT_MAX_LEN))
+        self.max_pixels = max_pixels
         self.cache = KVCache.allocate(cfg, max_batch, self.max_len, model.dtype, model.device)
         self.stop_token_ids = tuple(stop_token_ids)
         self.last_timings: Optional[dict] = None  # of the last finished generate / stream
@@ -64,7 +85,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, cuda_graphs: bool = True, backend: str = "auto",
                         max_batch: int = 16, max_len: Optional[int] = None, warmup: Optional[bool] = None,
-                        dispatch: str = "measure", dispatch_cache=None) -> "Engine":
+                        dispatch: str = "measure", dispatch_cache=None, max_pixels: Optional[int] = None) -> "Engine":
         import qwen2vl_fast
         from ..processing.processor import Processor
 
@@ -74,7 +95,8 @@ class Engine:
             processor = Processor.from_pretrained(path)
         except PromptError:  # no tokenizer: the engine still takes processed dicts (texts stay empty)
             processor = None
-        return cls(model, processor, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs, warmup=warmup)
+        return cls(model, processor, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs, warmup=warmup,
+                   max_pixels=max_pixels)
 
     def warmup(self, prompt_lengths=(64, 1024)) -> list:
         """Before the first request (by default on CUDA): measure the dispatch candidates of every raced op at
@@ -128,7 +150,7 @@ class Engine:
         """Yields (prompt index, token id, finished, tokens so far) per generated token; fills `report` with
         the tokens, finish reasons and timings at the end."""
         t0 = time.perf_counter()
-        inputs = self._inputs(prompts)
+        inputs = self._inputs(prompts, params)
         batch = self._prefill(inputs, params)
         b, lengths, deltas, logits = batch
         dev = self.model.device
@@ -174,10 +196,21 @@ class Engine:
             "decode_tokens_per_s": (n_gen - b) / decode_s if n_gen > b else 0.0,
             "cuda_graphs": self.graphs is not None})
 
-    def _inputs(self, prompts) -> dict:
+    def image_max_pixels(self) -> Optional[int]:
+        """The pixel budget this engine gives images that set none themselves (see the module docstring)."""
+        if self.max_pixels is not None or self.processor is None:
+            return self.max_pixels
+        ip = self.processor.image_processor
+        return min(ip.max_pixels, max(ip.min_pixels, self.max_len // 2 * ip.factor ** 2))
+
+    def _inputs(self, prompts, params: SamplingParams) -> dict:
+        """The processed batch, after checking from the sizes alone (before any pixel work) that it fits."""
         if isinstance(prompts, dict):
             if "input_ids" not in prompts:
                 raise PromptError("a processed prompt dict needs input_ids")
+            lengths = _dict_lengths(prompts)
+            if lengths is not None:  # else prepare_inputs says what is wrong with the dict
+                self._check_fits(lengths, params)
             return dict(prompts)
         if self.processor is None:
             raise PromptError("this checkpoint has no tokenizer.json: pass processed dicts (input_ids, ...)")
@@ -185,7 +218,34 @@ class Engine:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise PromptError("prompts must be a chat, a list of chats or a processed dict")
-        return self.processor(list(prompts), device=self.model.device)
+        prompts = list(prompts)
+        self._check_batch(len(prompts))
+        budget = self.image_max_pixels()
+        kwargs = {} if budget is None else {"max_pixels": budget}
+        self._check_fits(self.processor.count_tokens(prompts, **kwargs), params, exact=False)
+        return self.processor(prompts, device=self.model.device, **kwargs)
+
+    def _check_batch(self, b: int):
+        if b > self.cache.max_batch:
+            raise EngineError(f"{b} prompts exceed the engine's max_batch {self.cache.max_batch}: send at most "
+                              f"{self.cache.max_batch} per call, or build the engine with max_batch={b}")
+
+    def _check_fits(self, lengths: list, params: SamplingParams, exact: bool = True):
+        """lengths: each prompt's token count (exact=False: a lower bound, videos not yet counted)."""
+        self._check_batch(len(lengths))
+        if exact and min(lengths) == 0:
+            raise PromptError("empty prompt: a row of the batch has no tokens")
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        longest = lengths[i] + params.max_new_tokens
+        if longest > self.max_len:
+            which = f"prompt {i} of {len(lengths)}" if len(lengths) > 1 else "prompt"
+            budget = self.image_max_pixels()
+            raise PromptError(
+                f"{which} ({lengths[i]} tokens) + max_new_tokens ({params.max_new_tokens}) = {longest} exceeds the "
+                f"KV cache length {self.max_len}: shorten the prompt or max_new_tokens, give images a lower "
+                f"max_pixels (an image resized to HxW costs H*W/784 tokens"
+                + (f"; this engine's default is {budget} pixels" if budget is not None else "")
+                + "), or build the engine with a larger max_len (--max-len)")
 
     def _prefill(self, inputs: dict, params: SamplingParams):
         model, dev = self.model, self.model.device
@@ -196,14 +256,7 @@ class Engine:
         b, L = ids.shape
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         host_lengths = mask.sum(1).tolist()
-        if min(host_lengths) == 0:
-            raise PromptError("empty prompt: a row of the batch has no tokens")
-        if b > self.cache.max_batch:
-            raise EngineError(f"{b} prompts exceed the engine's max_batch {self.cache.max_batch}")
-        longest = max(host_lengths) + params.max_new_tokens
-        if longest > self.max_len:
-            raise PromptError(f"prompt ({max(host_lengths)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
-                              f"{longest} exceeds the KV cache length {self.max_len}")
+        self._check_fits(host_lengths, params)  # again, exact now: videos are counted (and dicts validated)
         flat = mask.reshape(-1)
         slots = torch.arange(b, device=dev).repeat_interleave(L)[flat]
         positions = (mask.long().cumsum(1) - 1).reshape(-1)[flat]
@@ -230,6 +283,21 @@ class Engine:
 
     def _decode(self, token_ids) -> str:
         return self.processor.decode(token_ids) if self.processor is not None else ""
+
+
+def _dict_lengths(inputs: dict) -> Optional[list]:
+    """Each row's token count of a processed dict, from input_ids / attention_mask alone; None if malformed."""
+    try:
+        ids = torch.as_tensor(inputs["input_ids"])
+        mask = inputs.get("attention_mask")
+        if ids.dim() != 2 or ids.shape[0] == 0:
+            return None
+        if mask is None:
+            return [ids.shape[1]] * ids.shape[0]
+        mask = torch.as_tensor(mask)
+        return mask.bool().sum(1).tolist() if mask.shape == ids.shape else None
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def _knobs(params: SamplingParams, b: int, dev):

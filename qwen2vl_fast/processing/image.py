@@ -274,7 +274,7 @@ class ImageProcessor:
                 img = _to_tensor(source)
                 size = self.target_size(img.shape[1], img.shape[2], **(call | own))
             except ImageError as e:
-                raise (ImageError(f"image {i} of {len(items)}: {e}") if len(items) > 1 else e) from None
+                raise (ImageError(f"image {i + 1} of {len(items)}: {e}") if len(items) > 1 else e) from None
             jobs.append((img, size))
         groups: dict = {}  # same source and target size -> one batched resize
         for i, (img, size) in enumerate(jobs):

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import PromptError
+from ..errors import PromptError, Qwen2VLFastError, TokenizerError
 from .chat import extract_media, render_chat
 
 IMAGE_PAD, VIDEO_PAD, PAD = "<|image_pad|>", "<|video_pad|>", "<|endoftext|>"
@@ -39,7 +39,7 @@ class Processor:
         ids = {t: tokenizer.token_to_id(t) for t in (IMAGE_PAD, VIDEO_PAD, PAD)}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
-            raise PromptError(f"the tokenizer lacks the Qwen special tokens {missing}")
+            raise TokenizerError(f"the tokenizer lacks the Qwen special tokens {missing}")
         self.image_token_id, self.video_token_id, self.pad_token_id = ids[IMAGE_PAD], ids[VIDEO_PAD], ids[PAD]
 
     @classmethod
@@ -58,7 +58,8 @@ class Processor:
         try:
             tokenizer = tokenizers.Tokenizer.from_file(path)
         except Exception as e:
-            raise PromptError(f"{path}: not a readable tokenizer ({e})") from None
+            # it exists, so it is meant to be used: an error now, not "no tokenizer" at the first request
+            raise TokenizerError(f"{path}: not a readable tokenizer ({e})") from None
         tok_cfg = _read_json(os.path.join(d, "tokenizer_config.json"))
         template = _read_json(os.path.join(d, "chat_template.json")).get("chat_template") or tok_cfg.get("chat_template")
         model_cfg = _read_json(os.path.join(d, "config.json"))
@@ -110,6 +111,38 @@ class Processor:
             ids = out["input_ids"]
             out["mm_token_type_ids"] = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
         return out
+
+    def count_tokens(self, text, images=None, videos=None, *, add_generation_prompt: bool = True,
+                     **media_kwargs) -> list:
+        """The length of each prompt of `text` (as __call__ takes it) once its placeholders are expanded, from the
+        images' sizes alone: files are opened for their header (PIL decodes no pixel for `.size`), nothing is
+        resized, and the vision tower is not involved, so a caller can refuse an over-long prompt in
+        milliseconds. Videos, and images whose size cannot be known without decoding them or that __call__
+        would refuse, count 0 tokens: the counts are then lower bounds, and __call__ raises what is wrong."""
+        texts, images, videos = self._normalize(text, images, videos, add_generation_prompt)
+        if texts is None:
+            return []
+        call = {k: v for k, v in _only(media_kwargs, _IMAGE_KW).items() if v is not None}
+        costs = [self._image_tokens(item, call) for item in images]
+        counts, taken = [], 0
+        for enc in self.tokenizer.encode_batch(texts):
+            n = enc.ids.count(self.image_token_id)
+            counts.append(len(enc.ids) - n + sum(costs[taken:taken + n]))
+            taken += n
+        return counts
+
+    def _image_tokens(self, item, call: dict) -> int:
+        from .image import _split
+
+        try:
+            source, own = _split(item)
+            size = _header_size(source)
+            if size is None:
+                return 0
+            h, w = self.image_processor.target_size(*size, **(call | own))
+        except (Qwen2VLFastError, TypeError, ValueError):  # __call__ raises it with its own message
+            return 0
+        return (h // self.image_processor.patch_size) * (w // self.image_processor.patch_size) // self.merge_length
 
     def _normalize(self, text, images, videos, add_generation_prompt):
         images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
@@ -187,6 +220,46 @@ def _lengths(grid, merge_length) -> list:
     return [] if grid is None else [int(n) // merge_length for n in grid.prod(-1).tolist()]
 
 
+def _header_size(source):
+    """(height, width) of an image source without decoding its pixels, or None where that takes decoding (or
+    the source is one the image processor refuses: it then says why)."""
+    import io
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return source.height, source.width
+    if isinstance(source, (torch.Tensor, np.ndarray)):  # the image processor's layout rules (image.py)
+        shape = tuple(source.shape)
+        if len(shape) == 2:
+            return shape
+        if len(shape) != 3:
+            return None
+        first, last = shape[0] in (1, 3, 4), shape[-1] in (1, 3, 4)
+        channels_first = first and (isinstance(source, torch.Tensor) or not last)
+        return shape[1:] if channels_first else (shape[:2] if last else None)
+    if isinstance(source, (bytes, bytearray)):
+        opened = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if path[:7].lower() == "file://":
+            path = path[7:]
+        if not os.path.isfile(path):  # URLs, data URIs, percent-encoded paths: sized when loaded
+            return None
+        opened = path
+    else:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(opened) as im:
+                return im.height, im.width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # the image processor says why
+        return None
+
+
 def _read_json(path) -> dict:
     if not os.path.isfile(path):
         return {}
@@ -194,5 +267,5 @@ def _read_json(path) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PromptError(f"{path}: unreadable JSON ({e})") from None
+        raise TokenizerError(f"{path}: unreadable JSON ({e})") from None
     return data if isinstance(data, dict) else {}

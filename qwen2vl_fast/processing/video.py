@@ -135,6 +135,9 @@ def _path(video: str) -> str:
     return path
 
 
+_TEXT_CODECS = {"ansi", "bintext", "xbin", "idf"}  # text-art "video" codecs FFmpeg guesses for text files
+
+
 def _decode_file(path: str, opts: dict):
     """Decode the sampled frames of a video file with PyAV -> (uint8 (n, 3, H, W), sample_fps)."""
     import av
@@ -147,6 +150,10 @@ def _decode_file(path: str, opts: dict):
         if not container.streams.video:
             container.close()
             raise VideoError(f"{path}: has no video stream")
+        if container.streams.video[0].codec_context.name in _TEXT_CODECS:
+            container.close()  # FFmpeg's tty demuxer renders any .txt/.nfo/.asc file as "ANSI art" frames
+            raise VideoError(f"{path}: not a decodable video (FFmpeg reads it as a text file); give a video "
+                             "file such as .mp4, .mkv or .webm")
         return container, container.streams.video[0]
 
     container, stream = open_video()
@@ -342,7 +349,7 @@ class VideoProcessor:
             except VideoError as e:  # with several videos, say which one
                 if len(items) == 1:
                     raise
-                raise VideoError(f"video {i}: {e}") from None
+                raise VideoError(f"video {i + 1} of {len(items)}: {e}") from None
             h, w = self.frame_size(frames.shape[2], frames.shape[3], frames.shape[0] if isinstance(src, str) else None,
                                    **{k: opts[k] for k in _PIXELS if k in opts})
             frames = resize_uint8(frames.to(device) if device is not None else frames, h, w)
