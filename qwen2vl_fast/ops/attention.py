@@ -3,6 +3,11 @@
 Neither builds a dense S x S mask over the whole vision sequence: transformers <= 4.51 did, which is what
 made large images allocate tens of GB (REFERENCE.md §8). The ViT reference batches segments of equal length
 (a 64-token window, a frame) into one SDPA call each, so thousands of windows cost a handful of calls.
+
+Every reference here (and in decoding.py) runs in memory linear in the sequence, on the CPU as on the GPU:
+SDPA gets 4-D (batch, heads, seq, dim) inputs and no explicit mask where it can (3-D inputs or a dense mask
+send it to the math path, which builds the full score matrix: 5.8 GiB for 12k tokens of the tiny model);
+where a mask is unavoidable (padded batches) the queries go in blocks, so mask and scores are O(seq * block).
 """
 
 from __future__ import annotations
@@ -13,6 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from .registry import reference
+
+# SDPA takes `enable_gqa` from torch 2.5. Only on the CPU do we use it: there the fused (flash) kernel serves
+# GQA with and without a mask; on CUDA only the flash backend does, so fp32 or masked calls would fall back
+# to the math path, and expanding k/v (memory linear in the sequence) is the cheaper side of that trade.
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+# Elements of the (batch, query block, keys) mask a padded causal call builds per block: 4M (16 MB as float).
+MASK_BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,24 @@ class VarlenMeta:
         return sorted(by_len.items())
 
 
+def gqa_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """GQA for SDPA: q (B, Hq, L, D), k/v (B, Hkv, S, D), kv head g serving q heads g*r .. g*r + r - 1.
+    -> (k, v, extra SDPA kwargs): k/v as they are with enable_gqa, or expanded to Hq heads."""
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return k, v, {}
+    if _SDPA_GQA and q.device.type == "cpu":
+        return k, v, {"enable_gqa": True}
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), {}
+
+
+def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """SDPA with GQA (shapes as gqa_kv). 4-D inputs, so the fused kernels apply (CPU flash included) and no
+    score matrix is materialised."""
+    k, v, extra = gqa_kv(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs, **extra)
+
+
 @reference("varlen_attention")
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VarlenMeta, scale: float):
     """Non-causal attention within each segment of a packed sequence.
@@ -67,19 +97,25 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padd
     key_padding_mask: (B, L) bool, True for real tokens, or None. Padded query rows (left padding) attend to
     themselves only, so they stay finite; their outputs are never read.
     """
-    b, L, hq, _ = q.shape
-    rep = hq // k.shape[2]
-    qt = q.transpose(1, 2)
-    kt = k.transpose(1, 2).repeat_interleave(rep, dim=1)
-    vt = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+    b, L = q.shape[:2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if key_padding_mask is None:
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    else:
-        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        mask = causal[None] & key_padding_mask[:, None, :].bool()
-        mask = mask | torch.eye(L, dtype=torch.bool, device=q.device)[None]
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale)
-    return o.transpose(1, 2)
+        return sdpa_gqa(qt, kt, vt, is_causal=True, scale=scale).transpose(1, 2)
+    # An explicit mask: query blocks [i0, i1) against keys [0, i1) (the causal prefix), so the mask, and the
+    # scores where SDPA has no fused kernel for it, take O(L * block) memory instead of O(L^2).
+    kt, vt, extra = gqa_kv(qt, kt, vt)  # expand (where needed) once, not per block
+    out = torch.empty_like(q)
+    keep = key_padding_mask.bool()
+    block = max(64, MASK_BLOCK_ELEMENTS // max(1, b * L))
+    pos = torch.arange(L, device=q.device)
+    for i0 in range(0, L, block):
+        i1 = min(L, i0 + block)
+        rows, cols = pos[i0:i1, None], pos[None, :i1]
+        mask = ((cols <= rows)[None] & keep[:, None, :i1]) | (cols == rows)[None]
+        o = F.scaled_dot_product_attention(qt[:, :, i0:i1], kt[:, :, :i1], vt[:, :, :i1], attn_mask=mask[:, None],
+                                           scale=scale, **extra)
+        out[:, i0:i1] = o.transpose(1, 2)
+    return out
 
 
 # ------------------------------------------------------------------------------- fast implementations

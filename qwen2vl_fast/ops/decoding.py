@@ -8,9 +8,8 @@ go to [slot, position]; rows a CUDA graph pads with point at spare slots, so wri
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .attention import VarlenMeta
+from .attention import VarlenMeta, sdpa_gqa
 from .registry import reference
 from .rotary import rotate_half
 
@@ -34,14 +33,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: V
     """Causal GQA attention within each sequence of a packed batch. q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D);
     kv head g serves q heads g*r .. g*r + r - 1 (r = Hq / Hkv)."""
     out = torch.empty_like(q)
-    rep = q.shape[1] // k.shape[1]
     start = 0
     for n in meta.lengths:
         sl = slice(start, start + n)
-        qs = q[sl].transpose(0, 1)
-        ks = k[sl].transpose(0, 1).repeat_interleave(rep, dim=0)
-        vs = v[sl].transpose(0, 1).repeat_interleave(rep, dim=0)
-        out[sl] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+        # 4-D (1, H, n, D), never 3-D: 3-D inputs send SDPA to the math path and its n x n score matrix.
+        qs, ks, vs = (t[sl].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out[sl] = sdpa_gqa(qs, ks, vs, is_causal=True, scale=scale)[0].transpose(0, 1)
         start += n
     return out
 
