@@ -194,6 +194,7 @@ def test_mrope_cos_sin_rejects_bad_section():
 @pytest.mark.parametrize("lengths, heads, head_dim", [
     ([64] * 5 + [17, 3, 64, 1], 16, 80),   # Qwen2.5-VL windows incl. a partial and a one-token window
     ([480], 16, 80),                       # one long frame
+    ([64] * 4 + [17, 5], 4, 64),           # a contiguous run of equal windows (views, no gather), then others
     ([5, 1, 7, 7, 2, 0, 9], 3, 36),        # odd dims; a zero-length segment is dropped
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])

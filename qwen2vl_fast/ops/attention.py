@@ -82,8 +82,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Va
     """
     out = torch.empty_like(q)
     for length, starts in meta.groups():
-        idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
         n = len(starts)
+        if starts[-1] - starts[0] == (n - 1) * length:  # one contiguous run (a full-attention layer, a grid of
+            # equal windows): views, no gather; this is as fast as SDPA on the segments themselves
+            span = slice(starts[0], starts[0] + n * length)
+            qs, ks, vs = (t[span].view(n, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+            out[span] = o.transpose(1, 2).reshape(n * length, *q.shape[1:])
+            continue
+        idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
         qs, ks, vs = (t.index_select(0, idx).view(n, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
         out.index_copy_(0, idx, o.transpose(1, 2).reshape(n * length, *q.shape[1:]))
