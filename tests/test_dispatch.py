@@ -86,7 +86,11 @@ def test_generic_keys_bucket_the_token_count_only():
 
     assert attn_key([60, 60]) == attn_key([50, 62, 8])  # same bucket of 128 tokens, same longest-segment bucket
     assert attn_key([60, 60]) != attn_key([120])  # the longest segment's bucket differs
-    assert attn_key([60, 60]) == "float32 rows512x16 *x4x16 *x4x16 seg64 0.25"
+    assert attn_key([60, 60]) == "float32 rows512x16 128x4x16 128x4x16 seg64 0.25"
+    # the decoder's (B, L, E) activations: no exact sequence length in the key of a second argument either
+    x = lambda L: (torch.randn(1, L, 48), torch.randn(1, L, 48), torch.randn(48), 1e-6)  # noqa: E731
+    assert shape_key("add_rms_norm", x(1602)) == shape_key("add_rms_norm", x(1900)) == \
+        "float32 rows2048x48 1x2048x48 48 1e-06"
     pos = lambda L: (torch.zeros(3, 1, L, dtype=torch.long), torch.randn(8), (1, 1, 2), torch.float32)  # noqa: E731
     assert shape_key("mrope_cos_sin", pos(100)) == shape_key("mrope_cos_sin", pos(120))
     assert shape_key("mrope_cos_sin", pos(100)) != shape_key("mrope_cos_sin", pos(300))

@@ -3,8 +3,8 @@
 this shape on this device*, as measured here, never a choice made by assumption.
 
 - A call's **shape key** names what its speed depends on: dtype, the bucketed token count (next power of two,
-  so a prompt of 1,000 tokens and one of 1,020 share a measurement) and the fixed widths (N and K of a linear,
-  heads and head size of attention, ...).
+  so a prompt of 1,000 tokens and one of 1,020 share a measurement) and the widths (N and K of a linear exactly;
+  for other ops every dim but the last bucketed too, so no call-to-call size makes a key of its own).
 - **Measuring** (mode "measure"): the first call with a new shape key times every candidate on that call's own
   arguments (`timing.time_call`: same method for all, L2 flushed between repetitions), records the winner and
   the times in the tuning cache (`tuning_cache.py`, persistent across processes) and returns the winner's
@@ -68,12 +68,13 @@ def _numel_key(x, *rest) -> str:
     return f"{_dt(x)} n{bucket(x.numel())} " + _generic_key(*rest)
 
 
-def _part(a, lead: Optional[int]) -> str:
+def _part(a) -> str:
     if isinstance(a, torch.Tensor):
-        dims = [str(d) for d in a.shape]
-        if lead is not None and dims and a.shape[0] == lead:
-            dims[0] = "*"  # token-aligned with the first argument: its count is already in the key
-        return "x".join(dims) or "scalar"
+        if a.dim() == 0:
+            return "scalar"
+        # every dim but the last (a width: exact) bucketed: token counts vary from call to call, and which dim
+        # holds them differs between ops ((S, H, D), (B, L, E), (3, B, L) ...), so none may stay exact
+        return "x".join([*(str(bucket(d)) for d in a.shape[:-1]), str(a.shape[-1])])
     if a is None or isinstance(a, (bool, int, float, str)):
         return repr(a)
     if isinstance(a, torch.dtype):
@@ -86,13 +87,13 @@ def _part(a, lead: Optional[int]) -> str:
 
 
 def _generic_key(*args) -> str:
-    """The first tensor's dtype, bucketed rows and width; the other arguments' shapes (their token dim as '*')."""
+    """The first tensor's dtype, bucketed rows and width; the other arguments' shapes with every dim but the last
+    bucketed (see _part), scalars and options as they are."""
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
     if first is None:
-        return " ".join(_part(a, None) for a in args)
-    lead = first.shape[0] if first.dim() else None
+        return " ".join(_part(a) for a in args)
     parts = [f"{_dt(first)} rows{bucket(_rows(first))}x{first.shape[-1] if first.dim() else 1}"]
-    parts += [_part(a, lead) for a in args if a is not first]
+    parts += [_part(a) for a in args if a is not first]
     return " ".join(parts)
 
 
