@@ -56,9 +56,14 @@ def _git(*args: str) -> Optional[str]:
 def git_state() -> dict:
     """{git_commit, git_dirty}: HEAD of this repository and whether the work tree differs from it.
 
-    Dirty counts untracked, non-ignored files too (new code that is not in the commit). Falls back to the
-    QWEN2VL_FAST_GIT_COMMIT / QWEN2VL_FAST_GIT_DIRTY variables, else None.
+    Dirty counts untracked, non-ignored files too (new code that is not in the commit). The
+    QWEN2VL_FAST_GIT_COMMIT / QWEN2VL_FAST_GIT_DIRTY variables come first when set: a copied tree (the GPU
+    machine's) may hold a stale .git whose HEAD is not the code that runs (the first H200 run recorded one).
     """
+    if os.environ.get(COMMIT_ENV):
+        dirty = os.environ.get(DIRTY_ENV)
+        return dict(git_commit=os.environ[COMMIT_ENV],
+                    git_dirty=None if dirty is None else dirty.strip().lower() in ("1", "true", "yes"))
     head = _git("rev-parse", "HEAD")
     if head is not None:
         status = _git("status", "--porcelain")
