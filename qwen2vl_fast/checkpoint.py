@@ -203,7 +203,8 @@ def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progres
 
     `dtype=None` keeps the stored dtype, otherwise floating tensors are cast. With a `quantization_config` in
     config.json (GPTQ v1/v2, AWQ GEMM), the language model's linears stored quantized come back as
-    `quant.QuantizedWeight` (q/k/v and gate/up fused along N); everything else stays floating. Tied models get `lm_head.weight`
+    `quant.QuantizedWeight` (q/k/v and gate/up fused along N; `quant.QuantizedParts` where their act-order
+    permutations differ); everything else stays floating. Tied models get `lm_head.weight`
     as the very `model.embed_tokens.weight` tensor (a stored `lm_head.weight` is ignored). `progress`: True /
     False, or None for a bar on stderr only above 1 GiB. Raises `CheckpointError` on any mismatch.
     MLP widths stay the checkpoint's here; `model.load` then zero-pads unaligned ones (align.pad_mlp_widths).
@@ -269,7 +270,8 @@ def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progres
                     prefix = p[: -len(".weight")]
                     stored = {n: read(n) for n in (f"{prefix}.{s}" for s in _QUANT_SUFFIXES) if n in entries}
                     qws.append(load_quantized_linear(stored, prefix, qcfg, dtype=dtype))
-                out[fused] = fuse_quantized(qws, fused)  # a QuantizedWeight (N along qweight's dim 1)
+                # a QuantizedWeight (N along qweight's dim 1), or QuantizedParts where act-order permutations differ
+                out[fused] = fuse_quantized(qws, fused)
                 continue
             tensors = [read(p) for p in parts]
             if len(tensors) > 1:

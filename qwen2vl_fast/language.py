@@ -13,6 +13,7 @@ import torch
 
 from .config import ModelConfig
 from .ops import OpTable
+from .quant.weight import QuantizedParts
 
 
 @dataclass
@@ -53,9 +54,13 @@ class LanguageModel:
         self.split = (t.num_attention_heads * dim, t.num_key_value_heads * dim, t.num_key_value_heads * dim)
 
     def _linear(self, x, w, b=None):
-        """A dense linear, or a weight-only quantized one (qwen2vl_fast.quant.QuantizedWeight)."""
+        """A dense linear, or a weight-only quantized one (qwen2vl_fast.quant.QuantizedWeight), or QuantizedParts
+        (act-order parts with different permutations: one GEMM per part, concatenated along N)."""
         if isinstance(w, torch.Tensor):
             return self.ops.linear(x, w, b)
+        if isinstance(w, QuantizedParts):
+            biases = b.split(w.splits) if b is not None else [None] * len(w.parts)
+            return torch.cat([self.ops.quant_linear(x, p, pb) for p, pb in zip(w.parts, biases)], dim=-1)
         return self.ops.quant_linear(x, w, b)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ GPTQ (AutoGPTQ v1 / GPTQModel v2), per linear `prefix.`:
   masking; zeros are floats here so 2^bits is representable). Symmetric checkpoints (zero 8 / 128, stored
   7 / 127, words 0x77777777) never hit this. v2 stores the true zero.
   act-order: perm = argsort(g_idx, stable) sorts the rows so groups become contiguous; qweight rows are
-  reordered (unpack, index, repack) and `perm` is kept so the runtime permutes x's columns instead.
+  reordered (unpack, index, repack) and `perm` is kept so the runtime permutes x's columns instead. Each linear
+  may have its own g_idx: q/k/v (gate/up) with different ones load as a QuantizedParts, not one fused weight.
 
 AWQ GEMM (AutoAWQ), per linear:
     qweight int32 (K, N/8)   packed along N, interleaved
@@ -30,7 +31,7 @@ import torch
 
 from ..errors import CheckpointError
 from .config import AWQ, GPTQ, QuantConfig
-from .weight import QuantizedWeight, pack_int32, unpack_int32
+from .weight import QuantizedParts, QuantizedWeight, pack_int32, unpack_int32
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)          # nibble position -> column offset within the word
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column offset -> nibble position
@@ -223,17 +224,22 @@ def load_quantized_linear(tensors: Mapping[str, torch.Tensor], prefix: str, qcfg
     raise CheckpointError(f"quant_method {qcfg.method!r} is not supported")
 
 
-def fuse_quantized(parts: list[QuantizedWeight], name: str = "fused linear") -> QuantizedWeight:
+def fuse_quantized(parts: list[QuantizedWeight], name: str = "fused linear"):
     """Concatenate quantized linears along the output dim (N, dim 1 of qweight/scales/zeros): q/k/v, gate/up.
-    All parts must share bits, group_size and the act-order permutation (GPTQ derives it from the shared
-    input's Hessian, so q/k/v and gate/up agree in published checkpoints)."""
+    All parts must share bits, group_size and input width. Parts with one act-order permutation (or none) fuse
+    into one QuantizedWeight. GPTQ act-order checkpoints may give each part its own g_idx: those stay a
+    QuantizedParts, each part sorted by its own permutation, run as one GEMM per part."""
     first = parts[0]
     for p in parts[1:]:
         if p.bits != first.bits or p.group_size != first.group_size or p.in_features != first.in_features:
             raise CheckpointError(f"{name}: cannot fuse parts with different bits/group_size/input width")
-        if (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm)):
-            raise CheckpointError(f"{name}: cannot fuse parts with different act-order (g_idx) permutations")
     if len(parts) == 1:
         return first
+    if any(_perm_differs(p.perm, first.perm) for p in parts[1:]):
+        return QuantizedParts(tuple(parts))
     return QuantizedWeight(torch.cat([p.qweight for p in parts], 1), torch.cat([p.scales for p in parts], 1),
                            torch.cat([p.zeros for p in parts], 1), first.bits, first.group_size, first.perm)
+
+
+def _perm_differs(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    return (a is None) != (b is None) or (a is not None and not torch.equal(a, b))

@@ -12,6 +12,11 @@
                                         time (x[:, perm]), never g_idx lookups inside a kernel
 
 The layer computes y = x @ W^T + b with W (N, K) = dequantize(...).T.
+
+Linears sharing an input (q/k/v, gate/up) are fused along N into one QuantizedWeight when their permutations
+agree. GPTQ act-order checkpoints may give each its own g_idx: one x permutation cannot serve them all (re-sorting
+a part's rows into another part's order breaks its group contiguity), so such a group stays a `QuantizedParts`,
+run as one GEMM per part with the outputs concatenated along N.
 """
 
 from __future__ import annotations
@@ -62,6 +67,32 @@ class QuantizedWeight:
                                move(self.perm))
 
 
+@dataclass
+class QuantizedParts:
+    """Quantized linears over the same input, concatenated along N in order, each with its own act-order `perm`."""
+    parts: tuple
+
+    def __post_init__(self):
+        self.parts = tuple(self.parts)
+        if len(self.parts) < 2 or len({p.in_features for p in self.parts}) != 1:
+            raise CheckpointError("QuantizedParts needs two or more parts of the same input width")
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
+    @property
+    def splits(self) -> list[int]:
+        return [p.out_features for p in self.parts]
+
+    def to(self, device) -> "QuantizedParts":
+        return QuantizedParts(tuple(p.to(device) for p in self.parts))
+
+
 def unpack_int32(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """(K * bits / 32, N) int32 -> (K, N) int32 values in [0, 2^bits), lowest bits first along K."""
     pack = 32 // bits
@@ -82,9 +113,12 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
-def dequantize(w: QuantizedWeight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def dequantize(w, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The dense weight (N, K) in the layer's input order (the act-order permutation undone), in `dtype`
-    (default: the scales' dtype). Computed as (q - zero) * scale in fp32, then rounded once."""
+    (default: the scales' dtype). Computed as (q - zero) * scale in fp32, then rounded once. A QuantizedParts
+    gives its parts' weights concatenated along N."""
+    if isinstance(w, QuantizedParts):
+        return torch.cat([dequantize(p, dtype) for p in w.parts], 0)
     q = unpack_int32(w.qweight, w.bits).float()
     g = w.in_features if w.group_size == -1 else w.group_size
     rows = torch.arange(w.in_features, device=q.device) // g
