@@ -182,8 +182,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cuda = device.type == "cuda"
-    if not cuda and not args.smoke:
-        print("bench_llm_kernels needs a CUDA device (or --smoke for the CPU test of the script)")
+    if not compare.runs_here("bench_llm_kernels", device, args.smoke):
         return 1
     compare.allow_recompiles(256)
     shapes = {"tiny": SMOKE_SHAPE} if args.smoke else {k: SHAPES[k] for k in args.shapes}

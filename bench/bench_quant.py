@@ -82,8 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default="bench/results")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
-    if dev.type != "cuda" and not args.smoke:
-        print("bench_quant needs a CUDA device (or --smoke for the CPU test of the script)")
+    if not compare.runs_here("bench_quant", dev, args.smoke):
         return 1
     if args.smoke:
         args.shapes, args.ms, args.group_size = ["tiny"], [1, 4], 32

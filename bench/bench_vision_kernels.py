@@ -184,8 +184,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cuda = device.type == "cuda"
-    if not cuda and not args.smoke:
-        print("bench_vision_kernels needs a CUDA device (or --smoke for the CPU test of the script)")
+    if not compare.runs_here("bench_vision_kernels", device, args.smoke):
         return 1
     compare.allow_recompiles(64)
     vs = SMOKE if args.smoke else REAL

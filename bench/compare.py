@@ -72,6 +72,14 @@ def auto_table(device):
     return resolve("auto", device, cache_path=os.path.join(tempfile.mkdtemp(prefix="bench_dispatch."), "dispatch.json"))
 
 
+def runs_here(script: str, device: torch.device, smoke: bool) -> bool:
+    """Kernel benchmarks time GPUs; on the CPU they only run as a smoke test of the script (--smoke)."""
+    if device.type != "cuda" and not smoke:
+        print(f"{script} needs a CUDA device (or --smoke for the CPU test of the script)")
+        return False
+    return True
+
+
 def allow_recompiles(limit: int) -> None:
     """torch.compile'd references are compiled once per shape: let dynamo keep `limit` of them."""
     for knob in ("recompile_limit", "cache_size_limit"):
