@@ -69,6 +69,29 @@ def test_too_long_image_prompt_is_refused_before_the_vision_tower(engine, calls,
     assert len(c.token_ids) == 3 and calls["vision"] == 1
 
 
+def test_too_long_video_prompt_is_refused_before_any_frame_is_decoded(engine, calls, tmp_path, monkeypatch):
+    import av
+
+    from qwen2vl_fast.processing import video as video_module
+
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, "w") as c:  # 30 frames at 10 fps: 6 sampled, 3 x (10 x 13) = 390 tokens > the cache
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(30):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 8 * i, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    decoded = []
+    monkeypatch.setattr(video_module, "_decode_file", lambda *a, **k: decoded.append(a) or 1 / 0)
+    part = {"type": "video", "video": path}
+    assert engine.processor.count_tokens(chat(part))[0] > MAX_LEN
+    with pytest.raises(PromptError, match="exceeds the KV cache length 256"):
+        engine.generate(chat(part), max_new_tokens=4)
+    assert decoded == [] and calls["vision"] == 0 and calls["plan"] == 2  # ours above, then the engine's
+
+
 def test_too_many_prompts_are_refused_before_any_preprocessing(engine, calls):
     with pytest.raises(EngineError, match="3 prompts exceed the engine's max_batch 2") as refused:
         engine.generate([chat(picture(300, 400, i)) for i in range(3)], max_new_tokens=2)

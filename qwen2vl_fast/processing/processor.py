@@ -114,21 +114,36 @@ class Processor:
 
     def count_tokens(self, text, images=None, videos=None, *, add_generation_prompt: bool = True,
                      **media_kwargs) -> list:
-        """The length of each prompt of `text` (as __call__ takes it) once its placeholders are expanded, from the
-        images' sizes alone: files are opened for their header (PIL decodes no pixel for `.size`), nothing is
-        resized, and the vision tower is not involved, so a caller can refuse an over-long prompt in
-        milliseconds. Videos, and images whose size cannot be known without decoding them or that __call__
-        would refuse, count 0 tokens: the counts are then lower bounds, and __call__ raises what is wrong."""
+        """The length of each prompt of `text` (as __call__ takes it, with the same images, videos and options)
+        once its placeholders are expanded, from the media's sizes alone, so that a caller can refuse an
+        over-long prompt in milliseconds: nothing is decoded or resized and the vision tower is not involved.
+
+        Images: files are opened for their header (PIL decodes no pixel for `.size`). Videos
+        (`VideoProcessor.grid_thw`): a file's frame count, frame rate and frame size come from its container
+        (PyAV, no frame decoded: the stream's frame count, or its packets counted where the container has none,
+        as the video processor counts them), then the processor's own sampling (fps / nframes / min_frames /
+        max_frames / video_start / video_end) and pixel budget (video_min_pixels / video_max_pixels /
+        total_pixels, per video or per call) give the grid; frames given already sampled (tensor, array, list
+        of images or image files) are sized from their shapes and headers. The counts are exact, but for a
+        damaged video whose frames do not all decode (the processor then samples fewer frames).
+
+        Media whose size cannot be known without decoding them (an image URL, a video whose container gives no
+        frame size) or that __call__ would refuse (unreadable, corrupt, too short, bad options) count 0 tokens:
+        the counts are then lower bounds, and __call__ raises what is wrong."""
         texts, images, videos = self._normalize(text, images, videos, add_generation_prompt)
         if texts is None:
             return []
         call = {k: v for k, v in _only(media_kwargs, _IMAGE_KW).items() if v is not None}
-        costs = [self._image_tokens(item, call) for item in images]
-        counts, taken = [], 0
+        costs = {self.image_token_id: [self._image_tokens(item, call) for item in images],
+                 self.video_token_id: [self._video_tokens(item, _only(media_kwargs, _VIDEO_KW)) for item in videos]}
+        counts, taken = [], dict.fromkeys(costs, 0)
         for enc in self.tokenizer.encode_batch(texts):
-            n = enc.ids.count(self.image_token_id)
-            counts.append(len(enc.ids) - n + sum(costs[taken:taken + n]))
-            taken += n
+            count = len(enc.ids)
+            for token_id, cost in costs.items():
+                n = enc.ids.count(token_id)
+                count += sum(cost[taken[token_id]:taken[token_id] + n]) - n
+                taken[token_id] += n
+            counts.append(count)
         return counts
 
     def _image_tokens(self, item, call: dict) -> int:
@@ -143,6 +158,13 @@ class Processor:
         except (Qwen2VLFastError, TypeError, ValueError):  # __call__ raises it with its own message
             return 0
         return (h // self.image_processor.patch_size) * (w // self.image_processor.patch_size) // self.merge_length
+
+    def _video_tokens(self, item, call: dict) -> int:
+        try:
+            grid = self.video_processor.grid_thw(item, **call)
+        except (Qwen2VLFastError, TypeError, ValueError):  # __call__ raises it with its own message
+            return 0
+        return 0 if grid is None else grid[0] * grid[1] * grid[2] // self.merge_length
 
     def _normalize(self, text, images, videos, add_generation_prompt):
         images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])

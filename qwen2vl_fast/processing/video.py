@@ -9,7 +9,10 @@ HF video processor's normalize + patchify. Version choices:
   whole frame indices [ceil(start*fps), floor(end*fps)] and `sample_fps = n / range_frames * video_fps`.
 Frames are decoded with PyAV. `total_frames` is the number of packets of the video stream (container frame
 counts are often 0 or wrong; packets are counted without decoding, like decord's index); if fewer frames decode
-than that, sampling is redone over the frames that did decode.
+than that, sampling is redone over the frames that did decode. `VideoProcessor.grid_thw` (behind
+`Processor.count_tokens`) gives the grid from the container alone, decoding nothing (`probe_file`: the stream's
+frame count where it has one, exact unless that count disagrees with the packets; else the packets counted the
+same way, ~50 ms for a 250 MB Matroska file in the page cache).
 
 Resize: qwen-vl-utils resizes uint8 frames with torchvision and then calls `.float()`; here frames stay uint8
 through the same bicubic antialiased resize (`resize_uint8`, torchvision's semantics: native uint8 kernel on
@@ -138,40 +141,76 @@ def _path(video: str) -> str:
 _TEXT_CODECS = {"ansi", "bintext", "xbin", "idf"}  # text-art "video" codecs FFmpeg guesses for text files
 
 
-def _decode_file(path: str, opts: dict):
-    """Decode the sampled frames of a video file with PyAV -> (uint8 (n, 3, H, W), sample_fps)."""
+def _open_video(path: str):
+    """-> (PyAV container, its first video stream), or a VideoError saying why the file is not a video."""
     import av
 
-    def open_video():
-        try:
-            container = av.open(path)
-        except (av.FFmpegError, OSError) as e:
-            raise VideoError(f"{path}: cannot be read as a video ({e})") from None
-        if not container.streams.video:
-            container.close()
-            raise VideoError(f"{path}: has no video stream")
-        if container.streams.video[0].codec_context.name in _TEXT_CODECS:
-            container.close()  # FFmpeg's tty demuxer renders any .txt/.nfo/.asc file as "ANSI art" frames
-            raise VideoError(f"{path}: not a decodable video (FFmpeg reads it as a text file); give a video "
-                             "file such as .mp4, .mkv or .webm")
-        return container, container.streams.video[0]
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError) as e:
+        raise VideoError(f"{path}: cannot be read as a video ({e})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path}: has no video stream")
+    if container.streams.video[0].codec_context.name in _TEXT_CODECS:
+        container.close()  # FFmpeg's tty demuxer renders any .txt/.nfo/.asc file as "ANSI art" frames
+        raise VideoError(f"{path}: not a decodable video (FFmpeg reads it as a text file); give a video "
+                         "file such as .mp4, .mkv or .webm")
+    return container, container.streams.video[0]
 
-    container, stream = open_video()
-    with container:  # count the packets (one per frame) without decoding, up to any demuxing error
-        total = 0
-        try:
-            for packet in container.demux(stream):
-                total += bool(packet.size)
-        except av.FFmpegError as e:
-            if total == 0:
-                raise VideoError(f"{path}: corrupt video ({e})") from None
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if not rate and stream.duration and total:  # no rate in the container: frames / duration
-            rate = total / float(stream.duration * stream.time_base)
-    video_fps = float(rate or 0)
+
+def _count_packets(path: str, container, stream) -> int:
+    """The number of (non-empty) packets of the video stream, one per frame, demuxed without decoding, up to any
+    demuxing error: the video's `total_frames`."""
+    import av
+
+    total = 0
+    try:
+        for packet in container.demux(stream):
+            total += bool(packet.size)
+    except av.FFmpegError as e:
+        if total == 0:
+            raise VideoError(f"{path}: corrupt video ({e})") from None
+    return total
+
+
+def _frame_rate(stream, total: int) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate and stream.duration and total:  # no rate in the container: frames / duration
+        rate = total / float(stream.duration * stream.time_base)
+    return float(rate or 0)
+
+
+def _file_sampling(opts: dict, default_fps: float, min_frames: int, max_frames: int) -> dict:
+    """Checked options of a video file + the processor's defaults -> `sample_indices`' keyword arguments."""
+    opts = {"min_frames": min_frames, "max_frames": max_frames, **opts}
     kw = {k: opts[k] for k in _SAMPLING if k in opts}
     if "nframes" not in kw:
-        kw.setdefault("fps", FPS)
+        kw.setdefault("fps", default_fps)
+    return kw
+
+
+def probe_file(path: str):
+    """(total_frames, video_fps, height, width) of a video file from its container, decoding no frame: the frame
+    count is the stream's own (`nb_frames`, e.g. MP4, MOV, AVI) or, where the container has none (Matroska /
+    WebM, fragmented MP4), the packets are counted as `_decode_file` counts them (demuxed, not decoded); the
+    size is the codec's (0 where only decoding would tell). Raises VideoError where `_decode_file` refuses the
+    file before decoding."""
+    container, stream = _open_video(path)
+    with container:
+        total = stream.frames or _count_packets(path, container, stream)
+        return total, _frame_rate(stream, total), stream.codec_context.height, stream.codec_context.width
+
+
+def _decode_file(path: str, kw: dict):
+    """Decode the sampled frames of a video file with PyAV -> (uint8 (n, 3, H, W), sample_fps); kw: the
+    `sample_indices` arguments (`_file_sampling`)."""
+    import av
+
+    container, stream = _open_video(path)
+    with container:  # count the packets (one per frame) without decoding, up to any demuxing error
+        total = _count_packets(path, container, stream)
+        video_fps = _frame_rate(stream, total)
     for _ in range(2):  # a second pass only if fewer frames decode than the stream has packets
         try:
             idx, sample_fps = sample_indices(total, video_fps, **kw)
@@ -179,7 +218,7 @@ def _decode_file(path: str, opts: dict):
             raise VideoError(f"{path}: {e}") from None
         wanted, last = set(idx.tolist()), int(idx.max())
         frames, decoded = {}, 0
-        container, stream = open_video()
+        container, stream = _open_video(path)
         with container:
             stream.thread_type = "AUTO"
             error = None
@@ -238,10 +277,7 @@ def _frame(item, i: int) -> torch.Tensor:
 def _load(video, opts: dict, default_fps: float, min_frames: int, max_frames: int):
     """(source, checked options) -> (uint8 (T, 3, H, W) with T even for pre-sampled frames, sample_fps)."""
     if isinstance(video, str):
-        opts = {"min_frames": min_frames, "max_frames": max_frames, **opts}
-        if "nframes" not in opts:
-            opts.setdefault("fps", default_fps)
-        return _decode_file(_path(video), opts)
+        return _decode_file(_path(video), _file_sampling(opts, default_fps, min_frames, max_frames))
     if type(video).__module__ == "numpy" and getattr(video, "ndim", 0) == 4:  # (T, H, W, 3), as transformers takes
         video = list(video)
     if isinstance(video, torch.Tensor):
@@ -263,6 +299,49 @@ def _load(video, opts: dict, default_fps: float, min_frames: int, max_frames: in
     if frames.shape[0] % FRAME_FACTOR:  # qwen-vl-utils: pad to an even count with the last frame
         frames = torch.cat([frames, frames[-1:].expand(FRAME_FACTOR - frames.shape[0] % FRAME_FACTOR, -1, -1, -1)])
     return frames, float(opts.get("fps", FPS))
+
+
+def _frame_hw(item, i: int) -> tuple[int, int]:
+    """The (H, W) `_frame` gives a frame, from its header or shape alone (no pixel decoded); raises VideoError
+    where `_frame` refuses the frame."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(item, str):
+        path = _path(item)
+        try:
+            with Image.open(path) as im:
+                return im.height, im.width
+        except (OSError, Image.DecompressionBombError) as e:
+            raise VideoError(f"frame {i}: {path} is not a readable image ({e})") from None
+    if isinstance(item, Image.Image):
+        return item.height, item.width
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 3 and item.shape[2] == 3:
+        return item.shape[0], item.shape[1]
+    raise VideoError(f"frame {i}: not a PIL image, an HxWx3 uint8 array or an image path")
+
+
+def _presampled_shape(video) -> tuple[int, int, int]:
+    """(T, H, W) that `_load` gives frames passed already sampled, before its padding to an even count, from
+    their shapes (and image files' headers) alone; raises VideoError where `_load` refuses them."""
+    if type(video).__module__ == "numpy" and getattr(video, "ndim", 0) == 4:  # as _load: a list of HxWx3 frames
+        if video.dtype.name != "uint8" or video.shape[3] != 3:
+            raise VideoError(f"arrays must be HxWx3 uint8, got {video.dtype} {tuple(video.shape)}")
+        t, h, w = video.shape[:3]
+    elif isinstance(video, torch.Tensor):
+        if video.dtype != torch.uint8 or video.dim() != 4 or video.shape[1] != 3:
+            raise VideoError(f"a video tensor must be uint8 (T, 3, H, W), got {video.dtype} {tuple(video.shape)}")
+        t, h, w = video.shape[0], video.shape[2], video.shape[3]
+    elif isinstance(video, (list, tuple)):
+        sizes = {_frame_hw(f, i) for i, f in enumerate(video)}
+        if len(sizes) > 1:
+            raise VideoError(f"the frames of a video must all have one size, got (H, W) sizes {sorted(sizes)}")
+        t, (h, w) = len(video), (sizes.pop() if sizes else (0, 0))
+    else:
+        raise VideoError(f"not a video: {type(video).__name__}")
+    if t == 0:
+        raise VideoError("the video has no frames (empty frame list or tensor)")
+    return int(t), int(h), int(w)
 
 
 def load_video(video, **overrides):
@@ -329,6 +408,29 @@ class VideoProcessor:
             return smart_resize(height, width, factor, min_pixels, max_pixels)
         except ImageError as e:
             raise VideoError(f"video frames of {height}x{width} (HxW): {e}") from None
+
+    def grid_thw(self, video, **overrides):
+        """The (t, h, w) patch grid `__call__` gives `video` (the same item and overrides), from its sizes alone:
+        no frame is decoded or resized. A file's frame count, frame rate and size come from its container
+        (`probe_file`), then `sample_indices` and `frame_size` pick the sampled frames and their size as
+        `__call__` does; frames given already sampled are sized from their shapes (image files from their
+        headers). Exact but for damaged files (where fewer frames decode than the container lists, `__call__`
+        resamples over the frames that do decode), a container whose frame count disagrees with its packets, or
+        frames whose size changes within the video (`__call__` then refuses it). None where the size cannot be
+        known without decoding; raises VideoError for what `__call__` refuses without decoding."""
+        src, opts = _split(video, overrides)
+        if isinstance(src, str):
+            total, video_fps, height, width = probe_file(_path(src))
+            if not (total and height and width):  # no frames (`__call__` refuses it) or a size only decoding tells
+                return None
+            idx, _ = sample_indices(total, video_fps, **_file_sampling(opts, self.fps, self.min_frames,
+                                                                        self.max_frames))
+            t = nframes = len(idx)
+        else:
+            t, height, width = _presampled_shape(src)
+            t, nframes = t + -t % FRAME_FACTOR, None  # _load's padding to an even count; sized as images
+        h, w = self.frame_size(height, width, nframes, **{k: opts[k] for k in _PIXELS if k in opts})
+        return -(-t // self.temporal_patch_size), h // self.patch_size, w // self.patch_size
 
     def load(self, video, **overrides):
         """Like `load_video`, with this processor's fps and min/max_frames defaults."""
