@@ -54,3 +54,15 @@ class TokenizerError(ProcessingError):
 
 class EngineError(Qwen2VLFastError):
     """The engine cannot serve a request as asked (cache too small, out of memory, batch too large)."""
+
+
+class QueueFullError(EngineError):
+    """The engine's request queue is full: retry later (the server answers 429)."""
+
+
+class EngineClosedError(EngineError):
+    """The engine was closed (or is shutting down) and takes no new requests (the server answers 503)."""
+
+
+class RequestCancelledError(EngineError):
+    """`result()` of a request that was cancelled before it produced any token."""

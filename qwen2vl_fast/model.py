@@ -167,9 +167,10 @@ class Qwen2VLFastModel:
 
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, position_ids=None,
-                       mm_token_type_ids=None, pixel_frames=None):
+                       mm_token_type_ids=None, pixel_frames=None, encode=None):
         """Validated ids and mask, input embeddings with the vision features in place, M-RoPE ids and deltas:
-        everything before the decoder (shared by the forward and the generation engine's prefill)."""
+        everything before the decoder (shared by the forward and the generation engine's prefill).
+        encode(kind, pixels, grid) -> features replaces `encode_media` (the engine's vision cache)."""
         input_ids, attention_mask = self._check_text(input_ids, attention_mask)
         if mm_token_type_ids is not None:
             self._check_token_types(mm_token_type_ids, input_ids)
@@ -191,14 +192,17 @@ class Qwen2VLFastModel:
                 continue
             if grid is None:
                 raise InputError(f"{name} pixel values were given without {name}_grid_thw")
-            if pixels is pixel_frames:
-                features = self.visual.from_frames(list(pixels), grid).to(embeds.dtype)
-            else:
-                features = self.visual(torch.as_tensor(pixels), grid).to(embeds.dtype)
+            kind = "frames" if pixels is pixel_frames else name
+            features = (encode or self.encode_media)(kind, pixels, grid).to(embeds.dtype)
             slots = (input_ids == token_id).unsqueeze(-1)
             embeds = embeds.masked_scatter(slots, features)
         return input_ids, attention_mask, embeds, position_ids, rope_deltas
 
+    def encode_media(self, kind: str, pixels, grid) -> torch.Tensor:
+        """The vision tower's merged features of `kind` "image" / "video" patches or "frames" (uint8 images)."""
+        if kind == "frames":
+            return self.visual.from_frames(list(pixels), grid)
+        return self.visual(torch.as_tensor(pixels), grid)
 
     def _check_token_types(self, types, input_ids):
         types = torch.as_tensor(types).to(self.device)

@@ -1,6 +1,7 @@
 """Decode steps on CUDA graphs: one graph per batch-size bucket, captured largest first into one shared memory
-pool, replayed with static input buffers. Rows a bucket pads with point at spare cache slots (the rows this
-batch does not use) with length 1, so the kernels' work on them is harmless and never read.
+pool, replayed with static input buffers. Rows a bucket pads with point at spare cache slots (slots no running
+sequence holds: the scheduler passes its free ones) with length 1, so the kernels' work on them is harmless and
+never read.
 
 The graph holds the decoder and the LM head; sampling runs eagerly after it (it needs fresh noise and
 per-request parameters, and costs one small kernel chain).
@@ -35,7 +36,14 @@ class DecodeGraphs:
         return lm.logits(hidden)
 
     def capture(self) -> None:
-        """Warm up (Triton compiles, caches fill) and capture every bucket, largest first, one shared pool."""
+        """Warm up (Triton compiles, caches fill) and capture every bucket, largest first, one shared pool.
+        Safe while sequences are running: the warm-up and capture steps write their K/V at the last cache
+        position (length max_len), which no running sequence has reached (it writes a position before it
+        reads it)."""
+        self.tokens.zero_()
+        self.positions.zero_()
+        self.slots.copy_(self._spare)
+        self.lengths.fill_(self.cache.max_len)
         for bs in reversed(self.buckets):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -50,9 +58,10 @@ class DecodeGraphs:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
-    def run(self, tokens, rope_positions, slots, lengths) -> torch.Tensor:
+    def run(self, tokens, rope_positions, slots, lengths, spare=None) -> torch.Tensor:
         """One decode step for b rows on the smallest bucket >= b; returns logits (b, vocab) (a copy: the next
-        replay overwrites the graph's output)."""
+        replay overwrites the graph's output). spare: slots free of any sequence, at least bucket - b of them
+        (default: the slots b.. , right when the batch holds slots 0..b-1)."""
         if not self.graphs:
             self.capture()
         b = tokens.shape[0]
@@ -64,7 +73,7 @@ class DecodeGraphs:
         if bs > b:  # padding rows: spare slots (not used by this batch), one key, token 0
             self.tokens[b:bs].zero_()
             self.positions[b:bs].zero_()
-            self.slots[b:bs].copy_(self._spare[b:bs])
+            self.slots[b:bs].copy_(self._spare[b:bs] if spare is None else spare[:bs - b])
             self.lengths[b:bs].fill_(1)
         self.graphs[bs].replay()
         return self.outputs[bs][:b].clone()

@@ -17,6 +17,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
     ignore_eos: bool = False
+    stop: tuple = ()  # stop strings: the text ends before the first one generated (finish_reason "stop")
 
     def __post_init__(self):
         def bad(name, why):
@@ -34,6 +35,12 @@ class SamplingParams:
             bad("repetition_penalty", "must be > 0 (1 = off)")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad("seed", "must be an integer or None")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if stop is None:
+            stop = ()
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            bad("stop", "must be a string or a list of non-empty strings")
+        object.__setattr__(self, "stop", tuple(stop))
 
 
 def _real(x) -> bool:

@@ -1,0 +1,315 @@
+"""The engine thread: one scheduler owns the model, the KV cache, the CUDA graphs and the sampler state, and runs
+every request that `Engine.generate` / `stream` / `submit` (and so the server) hands it. Callers never touch the
+model: sharing one Engine between threads, or interleaving streams, gives each request its own tokens.
+
+Continuous batching, at step boundaries:
+1. cancelled requests leave (their KV slot is free at once);
+2. waiting submissions are admitted in arrival order while free slots are left; each is prefilled on its own
+   (vision tower, cached by content, then the packed prefill of its rows) and samples its first token;
+3. one decode step runs every running sequence (CUDA graph per batch-size bucket; a bucket's padding rows
+   point at free slots), then each samples and finished sequences leave.
+A request's prefill is the same computation whatever else is running, and every sampled sequence draws its noise
+from its own generator (seeded by its request), so a seeded request gives the same tokens alone or in a busy
+batch.
+
+The thread starts at the first submission and ends when nothing is waiting or running (the next submission
+starts a new one): an idle engine holds no thread, and a dropped Engine is collected.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..errors import EngineClosedError, EngineError, QueueFullError, Qwen2VLFastError
+from ..ops import VarlenMeta
+from ..ops.sampling import greedy
+from .metrics import EngineMetrics
+from .request import RequestHandle, TextStream
+
+
+@dataclass
+class Group:
+    """One submission: the rows of a processed batch, prefilled together; one handle per row."""
+
+    handles: list
+    inputs: dict
+    lengths: list  # exact prompt length per row
+    params: object  # SamplingParams
+    keys: dict = field(default_factory=dict)  # vision cache content keys
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Sequence:
+    handle: RequestHandle
+    slot: int
+    cache_len: int  # tokens in the cache (the prompt, then one more per decode step)
+    delta: int  # M-RoPE id of cache position p is p + delta
+    generator: Optional[torch.Generator]
+    arrival: float
+    prefill_start: float
+    stop_text: Optional[TextStream]  # the engine's own view of the text, for stop strings
+    last_token: int = 0
+    generated: int = 0
+    first_time: float = 0.0
+    last_time: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, model, cache, graphs, stop_token_ids, vision_cache=None, max_queue: int = 256,
+                 decode_text=None):
+        self.model, self.cache, self.graphs = model, cache, graphs
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.vision_cache, self.max_queue, self.decode_text = vision_cache, int(max_queue), decode_text
+        self.cond = threading.Condition()
+        self.waiting: deque = deque()
+        self.running: list = []
+        self.free_slots = list(range(cache.max_batch))
+        self.thread: Optional[threading.Thread] = None
+        self.closed = False
+        self.metrics = EngineMetrics()
+        self.seen: Optional[torch.Tensor] = None  # (max_batch, vocab) bool: tokens each slot's sequence has seen
+
+    # -- the callers' side ----------------------------------------------------------------------------------
+    def submit(self, group: Group) -> None:
+        with self.cond:
+            if self.closed:
+                raise EngineClosedError("the engine is closed and takes no new requests")
+            queued = sum(len(g.handles) for g in self.waiting)
+            if queued + len(group.handles) > self.max_queue:
+                self.metrics.outcome("rejected", len(group.handles))
+                raise QueueFullError(f"the engine's queue is full ({queued} sequences waiting, max_queue "
+                                     f"{self.max_queue}): retry later")
+            self.waiting.append(group)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="qwen2vl_fast-engine", daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+
+    def close(self, cancel: bool = True, timeout: Optional[float] = None) -> None:
+        """No new requests; cancel=True ends the waiting and running ones as "cancelled", else they finish."""
+        with self.cond:
+            self.closed = True
+            if cancel:
+                while self.waiting:
+                    self._end_group(self.waiting.popleft(), "cancelled")
+                for seq in self.running:
+                    seq.handle.cancel()
+            thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def snapshot(self) -> dict:
+        with self.cond:
+            state = {"queue_depth": sum(len(g.handles) for g in self.waiting), "running": len(self.running),
+                     "kv_slots_in_use": self.cache.max_batch - len(self.free_slots),
+                     "kv_slots_total": self.cache.max_batch}
+        state.update(self.metrics.snapshot())
+        return state
+
+    # -- the engine thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    admit = self._take_admissible()
+                    if not admit and not self.running:
+                        self.thread = None  # idle: the next submission starts a new thread
+                        return
+                try:
+                    for group, slots in admit:
+                        self._prefill(group, slots)
+                    self._drop_cancelled()
+                    if self.running:
+                        self._decode_step()
+                except BaseException as error:  # noqa: BLE001 - a bug must fail its requests, not hang them
+                    self._fail_running(error if isinstance(error, Qwen2VLFastError) else
+                                       EngineError(f"the engine failed a decode step: {error!r}"))
+
+    def _take_admissible(self) -> list:
+        """Pop the waiting groups that fit the free slots, oldest first (no overtaking: a large group waits
+        for room rather than starve). Called with the lock held."""
+        admit = []
+        while self.waiting:
+            group = self.waiting[0]
+            if all(h.cancelled.is_set() for h in group.handles):
+                self._end_group(self.waiting.popleft(), "cancelled")
+                continue
+            if len(group.handles) > len(self.free_slots):
+                break
+            self.waiting.popleft()
+            slots = sorted(self.free_slots)[:len(group.handles)]
+            for s in slots:
+                self.free_slots.remove(s)
+            admit.append((group, slots))
+        return admit
+
+    def _end_group(self, group: Group, reason: str) -> None:
+        for h in group.handles:
+            h.timings.update(total_s=time.perf_counter() - group.arrival, generated_tokens=0)
+            h._push_end(reason)
+        self.metrics.outcome(reason, len(group.handles))
+
+    def _free(self, seq: Sequence) -> None:
+        with self.cond:
+            self.free_slots.append(seq.slot)
+
+    def _fail_running(self, error: BaseException) -> None:
+        for seq in self.running:
+            seq.handle._push_error(error)
+            self._free(seq)
+        self.metrics.outcome("failed", len(self.running))
+        self.running = []
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for seq in self.running:
+            if seq.handle.cancelled.is_set():
+                self._finish(seq, "cancelled", push=True)
+            else:
+                keep.append(seq)
+        self.running = keep
+
+    # -- prefill --------------------------------------------------------------------------------------------
+    def _prefill(self, group: Group, slots: list) -> None:
+        start = time.perf_counter()
+        try:
+            logits, deltas = self._prefill_rows(group, slots)
+        except BaseException as error:  # noqa: BLE001 - the request fails, the engine serves the next
+            with self.cond:
+                self.free_slots.extend(slots)
+            if isinstance(error, torch.OutOfMemoryError):
+                error = EngineError(f"out of memory in the prefill of {len(slots)} prompt(s) "
+                                    f"({sum(group.lengths)} tokens); send fewer or shorter prompts, or fewer "
+                                    f"image pixels")
+            elif not isinstance(error, Qwen2VLFastError):
+                error = EngineError(f"the prefill failed: {error!r}")
+            for h in group.handles:
+                h._push_error(error)
+            self.metrics.outcome("failed", len(group.handles))
+            return
+        seqs = []
+        for i, (h, slot) in enumerate(zip(group.handles, slots)):
+            p = group.params
+            gen = None
+            if p.temperature > 0:
+                gen = torch.Generator(device=self.model.device)
+                gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(62))
+            stop_text = TextStream(self.decode_text, p.stop) if p.stop and self.decode_text else None
+            seqs.append(Sequence(h, slot, group.lengths[i], deltas[i], gen, group.arrival, start, stop_text))
+        self.running.extend(seqs)
+        self._sample_and_emit(seqs, logits)
+
+    def _prefill_rows(self, group: Group, slots: list):
+        model, dev = self.model, self.model.device
+        inputs = group.inputs
+        encode = self.vision_cache.encoder(model, group.keys) if self.vision_cache is not None else None
+        ids, mask, embeds, position_ids, rope_deltas = model.prepare_inputs(
+            inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
+            inputs.get("image_grid_thw"), inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"),
+            inputs.get("second_per_grid_ts"), None, inputs.get("mm_token_type_ids"), inputs.get("pixel_frames"),
+            encode=encode)
+        b, L = ids.shape
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        flat = mask.reshape(-1)
+        slot_ids = torch.tensor(slots, device=dev)
+        token_slots = slot_ids.repeat_interleave(L)[flat]
+        positions = (mask.long().cumsum(1) - 1).reshape(-1)[flat]
+        meta = VarlenMeta.from_lengths(group.lengths, dev)
+        hidden = model.language_model.prefill(embeds.reshape(b * L, -1)[flat], position_ids.reshape(3, -1)[:, flat],
+                                              meta, self.cache, token_slots, positions)
+        last = meta.cu_seqlens[1:].long() - 1
+        logits = model.language_model.logits(hidden[last])
+        if self.seen is None:
+            self.seen = torch.zeros(self.cache.max_batch, logits.shape[-1], dtype=torch.bool, device=dev)
+        rows = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=dev)
+        rows.scatter_(1, ids, True)  # the prompt counts, padding too (as transformers)
+        self.seen[slot_ids] = rows
+        # deltas in the cache's own (unpadded) coordinates: max M-RoPE id + 1 - prompt length
+        deltas = (rope_deltas.view(-1).cpu() + (L - torch.tensor(group.lengths))).tolist()
+        return logits, deltas
+
+    # -- decode ---------------------------------------------------------------------------------------------
+    def _decode_step(self) -> None:
+        seqs, dev = self.running, self.model.device
+        host = torch.tensor([[s.last_token, s.cache_len, s.cache_len + s.delta, s.slot] for s in seqs])
+        tokens, positions, rope, slots = host.to(dev).unbind(1)
+        if self.graphs is not None:
+            with self.cond:
+                spare = torch.tensor(sorted(self.free_slots), dtype=torch.long)
+            logits = self.graphs.run(tokens, rope, slots, positions + 1, spare=spare.to(dev))
+        else:
+            lm = self.model.language_model
+            logits = lm.logits(lm.decode(lm.embed(tokens), rope, self.cache, slots, positions + 1))
+        for s in seqs:
+            s.cache_len += 1
+        self._sample_and_emit(list(seqs), logits)
+
+    def _sample_and_emit(self, seqs: list, logits: torch.Tensor) -> None:
+        dev = logits.device
+        slot_ids = torch.tensor([s.slot for s in seqs], device=dev)
+        seen = self.seen[slot_ids]
+        params = [s.handle.params for s in seqs]
+        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
+        if all(s.generator is None for s in seqs):  # greedy: no noise, no vocabulary sort
+            nxt = greedy(logits, penalty, seen)
+        else:
+            noise = torch.ones(logits.shape, dtype=torch.float32, device=dev)
+            for row, s in enumerate(seqs):
+                if s.generator is not None:  # each sequence's own stream: its samples do not depend on the batch
+                    noise[row].exponential_(generator=s.generator)
+            knobs = torch.tensor([[p.temperature, p.top_k, p.top_p] for p in params], dtype=torch.float64)
+            nxt = self.model.ops.sample(logits, knobs[:, 0].float().to(dev), knobs[:, 1].long().to(dev),
+                                        knobs[:, 2].float().to(dev), penalty, seen, noise)
+        self.seen[slot_ids, nxt] = True
+        host = nxt.tolist()  # the one sync per step: tokens must reach the callers (streaming, stops)
+        now = time.perf_counter()
+        gaps = []
+        done = set()
+        for s, tok in zip(seqs, host):
+            s.last_token, s.generated = tok, s.generated + 1
+            if s.generated == 1:
+                s.first_time = now
+                self.metrics.first_token(now - s.arrival, s.cache_len)
+            else:
+                gaps.append(now - s.last_time)
+            s.last_time = now
+            p = s.handle.params
+            reason = None
+            if not p.ignore_eos and tok in self.stop_token_ids:
+                reason = "stop"
+            elif s.stop_text is not None:
+                s.stop_text.feed(tok, last=False)
+                if s.stop_text.stopped:
+                    reason = "stop"
+            if reason is None and s.generated >= p.max_new_tokens:
+                reason = "length"
+            if reason is not None:
+                self._finish(s, reason, push=False)
+                done.add(id(s))
+            s.handle._push_token(tok, reason is not None, reason)
+        if gaps:
+            self.metrics.next_tokens(gaps)
+        if done:
+            self.running = [s for s in self.running if id(s) not in done]
+
+    def _finish(self, seq: Sequence, reason: str, push: bool) -> None:
+        now = time.perf_counter()
+        ttft = (seq.first_time or now) - seq.arrival
+        decode_s = max(now - (seq.first_time or now), 1e-9)
+        seq.handle.timings.update(
+            ttft_s=ttft, prefill_s=ttft, queue_s=seq.prefill_start - seq.arrival, total_s=now - seq.arrival,
+            prompt_tokens=seq.handle.prompt_tokens, generated_tokens=seq.generated,
+            decode_tokens_per_s=(seq.generated - 1) / decode_s if seq.generated > 1 else 0.0,
+            cuda_graphs=self.graphs is not None)
+        self._free(seq)
+        self.metrics.outcome("cancelled" if reason == "cancelled" else "finished")
+        if push:
+            seq.handle._push_end(reason)
