@@ -275,7 +275,10 @@ def print_summary(p: dict, path) -> None:
         print(f"{s['kernel']:72s} {_cell(s['best_pytorch'], 's', 13)} {_cell(s['best_pytorch_ms'], '.4f', 9)} "
               f"{_cell(s['best_ours'], 's', 12)} {_cell(s['best_ours_ms'], '.4f', 9)} "
               f"{_cell(s.get('speedup_best_ours'), '.2f', 7)} {_cell(s.get('speedup_auto'), '.2f', 7)} "
-              f"{_cell(s.get('pct_of_roofline_best_ours'), '.1f', 7)}")
+              f"{roofline.format_pct(s.get('pct_of_roofline_best_ours'), 7)}")
+    if p.get("ceiling_under_measured"):
+        print(f"{len(p['ceiling_under_measured'])} figures above a measured ceiling ({roofline.CEILING_UNDER_MEASURED}"
+              f": bandwidth methods {p['ceilings'].get('gbps_methods')})")
     print(f"goals: {p['goals']}")
     print(f"result: {path}")
 

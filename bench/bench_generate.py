@@ -355,13 +355,13 @@ def print_table(p: dict, path) -> None:
         for d in r["decode"]:
             print(f"{d['impl']:<30}{d.get('batch', '-'):>6}  FAILED: {d['error'][:90]}" if "error" in d else
                   f"{d['impl']:<30}{d['batch']:>6}{d['tokens_per_s']:>11.1f}{d['ms_per_step']:>10.3f}"
-                  f"{d['roofline']['floor_ms']:>10.3f}{d['pct_of_roofline']:>8.1f}"
-                  f"{d['pct_of_bandwidth_roofline']:>7.1f}")
+                  f"{d['roofline']['floor_ms']:>10.3f}{roofline.format_pct(d['pct_of_roofline'], 8)}"
+                  f"{roofline.format_pct(d['pct_of_bandwidth_roofline'], 7)}")
         print(f"speedups (ours tok/s / theirs): {r['speedups']}")
         for impl, x in (r["prefill"] or {}).get("impls", {}).items():
             print(f"prefill {impl:<14} FAILED: {x['error'][:90]}" if "error" in x else
                   f"prefill {impl:<14} seq {r['prefill']['seq_len']}  {x['timing']['median_ms']:.2f} ms  "
-                  f"{x['tflops']:.3g} TFLOP/s  {x['pct_of_matmul']:.1f}% of matmul")
+                  f"{x['tflops']:.3g} TFLOP/s  {roofline.format_pct(x['pct_of_matmul'])} of matmul")
     print(f"result: {path}")
 
 

@@ -317,7 +317,7 @@ def print_table(p: dict, path) -> None:
             print(f"{name:<22}FAILED: {r['error'][:100]}")
             continue
         t, roof = r["timing"], r.get("roofline") or {}
-        pct = f"{roof['pct_of_tflops']:.1f}" if roof else "-"
+        pct = roofline.format_pct(roof['pct_of_tflops']) if roof else "-"
         peak = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
         print(f"{name:<22}{t['median_ms']:>11.2f}{t['p20_ms']:>10.2f}{t['p80_ms']:>10.2f}{r['tflops']:>10.3g}"
               f"{pct:>10}{peak:>10}{r['first_call_s']:>11.1f}")

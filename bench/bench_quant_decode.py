@@ -351,7 +351,7 @@ def print_table(p: dict, path) -> None:
             if r.get("group_fallbacks") else ""
         speedup = f"{r['speedup_vs_bf16']:>8.2f}" if "speedup_vs_bf16" in r else f"{'-':>8}"
         print(f"{head}{r['tokens_per_s']:>11.1f}{r['ms_per_step']:>10.3f}{r['bytes_per_step'] / 1e6:>10.1f}"
-              f"{r['pct_of_bandwidth']:>7.1f}{speedup}  {note}")
+              f"{roofline.format_pct(r['pct_of_bandwidth'], 7)}{speedup}  {note}")
     print(f"result: {path}")
 
 

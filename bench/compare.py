@@ -19,8 +19,11 @@ The rules it enforces:
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -61,6 +64,64 @@ class Case:
     candidates: dict[str, Union[Candidate, list]]
     memory_bound: Optional[bool] = None  # None: decided from the roofline
     meta: dict = field(default_factory=dict)  # extra columns for every row (preset, M, N, K, ...)
+
+
+class Stopped(BaseException):
+    """Raised inside a run when it must stop now: its total budget ran out (the alarm `run_cases` sets) or it
+    was sent SIGTERM / SIGINT (gpu_check.sh's `timeout`). A BaseException, so no candidate's `except Exception`
+    swallows it; `run_cases` catches it, writes what was timed so far and returns."""
+
+
+class Budget:
+    """Wall-clock budgets of a benchmark run: `total_s` for the whole run, `case_s` for each case (None: none).
+
+    Checked between candidates (a candidate that has started is not interrupted by the case budget: the
+    remaining candidates of an over-budget case are skipped and named) and between cases (cases left when the
+    total is spent are skipped and named). `run_cases` also arms an alarm at the total budget that stops even a
+    candidate stuck in one call (a compile, a hung timing loop), so the partial result is written before the
+    caller's own timeout kills the process. `clock` (seconds) is injectable for tests.
+    """
+
+    def __init__(self, total_s: Optional[float] = None, case_s: Optional[float] = None, clock=time.monotonic):
+        for name, v in (("total_s", total_s), ("case_s", case_s)):
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be positive or None, got {v}")
+        self.total_s, self.case_s, self.clock = total_s, case_s, clock
+        self.stop_reason: Optional[str] = None  # set by run_cases' signal handler: everything counts as spent
+        self.start = clock()
+        self.case_start = self.start
+
+    def elapsed_s(self) -> float:
+        return self.clock() - self.start
+
+    def left_s(self) -> float:
+        """Seconds left of the total budget (inf without one)."""
+        return math.inf if self.total_s is None else self.total_s - self.elapsed_s()
+
+    def start_case(self) -> None:
+        self.case_start = self.clock()
+
+    def case_left_s(self) -> float:
+        """Seconds left to the current case: the smaller of its own budget and the run's."""
+        own = math.inf if self.case_s is None else self.case_s - (self.clock() - self.case_start)
+        return min(own, self.left_s())
+
+    def total_spent(self) -> bool:
+        return self.stop_reason is not None or self.left_s() <= 0
+
+    def case_spent(self) -> bool:
+        return self.stop_reason is not None or self.case_left_s() <= 0
+
+    def describe(self) -> dict:
+        return dict(total_s=self.total_s, case_s=self.case_s, elapsed_s=round(self.elapsed_s(), 3))
+
+
+def budget_from_env(total_s: Optional[float], case_s: Optional[float], env: str = "QWEN2VL_FAST_BENCH_BUDGET_S"):
+    """A Budget from the command line's values; a missing total is taken from `env` (bench/gpu_check.sh sets it
+    to its step's time limit less a margin), and a missing per-case budget stays None."""
+    if total_s is None and os.environ.get(env):
+        total_s = float(os.environ[env])
+    return Budget(total_s, case_s)
 
 
 def auto_table(device):
@@ -135,14 +196,22 @@ def _first_runnable(variants: list, nbytes: float, rotate: bool, l2_bytes: int, 
 
 
 def time_candidates(case: Case, *, device, rotate: bool, l2_bytes: int, warmup: int, rep: int,
-                    method: str = "kernel") -> dict:
+                    method: str = "kernel", budget: Optional[Budget] = None, out: Optional[dict] = None) -> dict:
     """{name: timing or {"error": ...}} with one method for all: "kernel" tries "graph" for every candidate and,
-    if any cannot be captured, times them all again with "queue"."""
+    if any cannot be captured, times them all again with "queue". With a `budget`, candidates that come up once
+    the case's budget is spent are not run: {"error": "skipped: ...", "skipped": True}. `out`, if given, is
+    filled as candidates finish (what a stopped run still writes)."""
     device = torch.device(device)
     plan = "graph" if method == "kernel" and device.type == "cuda" else method
+    out = {} if out is None else out
     while True:
-        out, fallback = {}, False
+        out.clear()
+        fallback = False
         for name, chain in case.candidates.items():
+            if budget is not None and budget.case_spent():
+                out[name] = dict(error=f"skipped: the case's time budget was spent ({budget.describe()})",
+                                 skipped=True)
+                continue
             cand, inputs, first = _first_runnable(_variants(chain), case.nbytes, rotate, l2_bytes, device)
             if cand is None:
                 out[name] = dict(error=first)
@@ -163,6 +232,11 @@ def time_candidates(case: Case, *, device, rotate: bool, l2_bytes: int, warmup: 
                 if device.type == "cuda":
                     harness._cuda_api().empty_cache()
         if not fallback:
+            return out
+        if budget is not None and budget.case_spent():  # no time to time them all again: keep what was timed
+            for name in case.candidates:
+                out.setdefault(name, dict(error="skipped: the case's time budget was spent before the queue "
+                                                "re-run (another candidate cannot be captured)", skipped=True))
             return out
         plan = "queue"  # one candidate cannot be captured: every candidate is timed pre-filled instead
 
@@ -198,22 +272,31 @@ def summarize_case(case: Case, times: dict, ceilings: dict) -> tuple[list, dict]
                    method=next((t["method"] for t in ok.values()), None))
     if best_pt and best_ours:
         summary["speedup_best_ours"] = best_pt / best_ours
-        summary["pct_of_roofline_best_ours"] = next(r["pct_of_roofline"] for r in rows
-                                                    if r["impl"].split("[")[0] == best_ours_name)
+        best_row = next(r for r in rows if r["impl"].split("[")[0] == best_ours_name)
+        summary["pct_of_roofline_best_ours"] = best_row["pct_of_roofline"]
+        summary["ceiling_flag_best_ours"] = best_row.get("ceiling_flag")
     if best_pt and auto_ms:
         summary["speedup_auto"] = best_pt / auto_ms
     return rows, summary
 
 
 def run_case(case: Case, ceilings: dict, *, device, warmup: int = 5, rep: int = 30, method: str = "kernel",
-             l2_bytes: Optional[int] = None) -> tuple[list, dict]:
-    """Time every candidate of `case` (rotating inputs when it is memory-bound) -> (rows, summary)."""
+             l2_bytes: Optional[int] = None, budget: Optional[Budget] = None,
+             progress: Optional[dict] = None) -> tuple[list, dict]:
+    """Time every candidate of `case` (rotating inputs when it is memory-bound) -> (rows, summary).
+    `progress` (a dict) receives the timings as they finish, for a run that is stopped mid-case."""
     device = torch.device(device)
     bound = case.memory_bound
     if bound is None:
         bound = roofline.is_memory_bound(case.flops, case.nbytes, ceilings)
     l2 = l2_bytes if l2_bytes is not None else harness.l2_cache_bytes(device)
-    times = time_candidates(case, device=device, rotate=bound, l2_bytes=l2, warmup=warmup, rep=rep, method=method)
+    times = time_candidates(case, device=device, rotate=bound, l2_bytes=l2, warmup=warmup, rep=rep, method=method,
+                            budget=budget, out=progress)
+    return finish_case(case, dict(times), ceilings, bound, l2)
+
+
+def finish_case(case: Case, times: dict, ceilings: dict, bound: bool, l2: int) -> tuple[list, dict]:
+    """(rows, summary) of the timings of a case's candidates (all of them, or those a stopped run finished)."""
     rows, summary = summarize_case(case, times, ceilings)
     for r in rows:
         r["memory_bound"] = bound
@@ -225,22 +308,115 @@ def run_case(case: Case, ceilings: dict, *, device, warmup: int = 5, rep: int = 
     return rows, summary
 
 
+def _case_bound(case: Case, ceilings: dict) -> bool:
+    return case.memory_bound if case.memory_bound is not None else roofline.is_memory_bound(case.flops, case.nbytes,
+                                                                                              ceilings)
+
+
+class _StopSignals:
+    """While active (main thread only): SIGTERM / SIGINT, and SIGALRM at the run's total budget, raise Stopped."""
+
+    def __init__(self, budget: Optional[Budget]):
+        self.budget, self.saved, self.active = budget, {}, threading.current_thread() is threading.main_thread()
+        self.fired = False
+        self.reason: Optional[str] = None  # kept even if the Stopped raised is swallowed (a graph capture's exit)
+
+    def disarm(self) -> None:
+        """Stop the alarm and ignore further stop signals (while the partial result is written)."""
+        self.fired = True
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _raise(self, signum, frame):
+        if self.fired:
+            return
+        self.fired = True
+        self.reason = (f"{signal.Signals(signum).name} after {self.budget.elapsed_s() if self.budget else 0:.0f} s"
+                       + (" (the total time budget)" if signum == signal.SIGALRM else ""))
+        if self.budget is not None:
+            self.budget.stop_reason = self.reason
+        raise Stopped(self.reason)
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+            self.saved[sig] = signal.signal(sig, self._raise)
+        if self.budget is not None and self.budget.total_s is not None and self.budget.left_s() > 0:
+            signal.setitimer(signal.ITIMER_REAL, self.budget.left_s())  # spent already: every case is skipped
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            for sig, handler in self.saved.items():
+                signal.signal(sig, handler)
+        return False
+
+
 def run_cases(cases: Iterable[Case], ceilings: dict, out, payload: dict, *, device, warmup: int = 5, rep: int = 30,
-              l2_bytes: Optional[int] = None, on_case: Optional[Callable] = None) -> dict:
+              l2_bytes: Optional[int] = None, on_case: Optional[Callable] = None,
+              budget: Optional[Budget] = None) -> dict:
     """Run each case (a generator is fine: each case's tensors are made when it comes up), append its rows and
     summary to payload["rows"] / payload["cases"], call `on_case(case, rows, summary)` (extra columns, goals),
-    rewrite the result file `out` (a results.ResultFile) and print the case. Returns the payload."""
+    rewrite the result file `out` (a results.ResultFile) and print the case. Returns the payload.
+
+    With a `budget` (Budget): cases that come up once the total is spent are not run and are named in
+    payload["skipped_cases"]; an over-budget case skips its remaining candidates. SIGTERM / SIGINT, or the
+    total budget's alarm, stop the run: the candidates of the current case timed so far are kept (its summary
+    says "partial": true), payload["stopped"] says why, the file is written and run_cases returns."""
     payload.setdefault("rows", [])
     payload.setdefault("cases", [])
-    for case in cases:
-        rows, summary = run_case(case, ceilings, device=device, warmup=warmup, rep=rep, l2_bytes=l2_bytes)
-        if on_case is not None:
-            on_case(case, rows, summary)
-        payload["rows"] += rows
-        payload["cases"].append(summary)
-        out.update(payload)
-        print(format_rows(rows, summary), flush=True)
+    if budget is not None:
+        payload["budget"] = budget.describe()
+    l2 = l2_bytes if l2_bytes is not None else harness.l2_cache_bytes(device)
+    current, progress = None, {}  # the case being timed, and its candidates' timings as they finish
+    with _StopSignals(budget) as stop:
+        try:
+            for case in cases:
+                if budget is not None and budget.total_spent():
+                    payload.setdefault("skipped_cases", []).append(case.label)
+                    out.update(payload)
+                    print(f"{case.label}  skipped: the run's time budget ({budget.total_s} s) is spent", flush=True)
+                    continue
+                if budget is not None:
+                    budget.start_case()
+                current, progress = case, {}
+                rows, summary = run_case(case, ceilings, device=device, warmup=warmup, rep=rep, l2_bytes=l2,
+                                         budget=budget, progress=progress)
+                if stop.reason:  # the Stopped was swallowed inside a candidate (an exception raised on its way out)
+                    raise Stopped(stop.reason)
+                current = None
+                _add_case(case, rows, summary, payload, out, on_case)
+        except Stopped as e:
+            stop.disarm()  # a second signal while the partial result is written is ignored
+            payload["stopped"] = str(e)
+            if current is not None:
+                times = dict(progress)
+                for name in current.candidates:
+                    times.setdefault(name, dict(error="not timed: the run was stopped", skipped=True))
+                rows, summary = finish_case(current, times, ceilings, _case_bound(current, ceilings), l2)
+                summary["partial"] = True
+                _add_case(current, rows, summary, payload, out, on_case)
+            out.update(payload)
+            print(f"stopped: {e}; the result keeps every case and candidate timed so far", flush=True)
+    if budget is not None:
+        payload["budget"] = budget.describe()
     return payload
+
+
+def _add_case(case, rows, summary, payload, out, on_case) -> None:
+    if on_case is not None:
+        on_case(case, rows, summary)
+    over = roofline.over_ceiling(r for r in rows if "median_ms" in r)
+    if over:  # above a measured ceiling: the ceiling (or the byte count) is wrong, said where it is read
+        payload.setdefault("ceiling_under_measured", []).extend(
+            dict(kernel=r["kernel"], impl=r["impl"], pct_of_roofline=r["pct_of_roofline"],
+                 pct_of_gbps=r["pct_of_gbps"], pct_of_tflops=r["pct_of_tflops"]) for r in over)
+    payload["rows"] += rows
+    payload["cases"].append(summary)
+    out.update(payload)
+    print(format_rows(rows, summary), flush=True)
 
 
 def format_rows(rows: list, summary: dict) -> str:
@@ -254,7 +430,10 @@ def format_rows(rows: list, summary: dict) -> str:
                 else f"{r['achieved_gbps']:8.0f} GB/s   ")
         sp = f"x{r['speedup_vs_best_pytorch']:.2f}" if "speedup_vs_best_pytorch" in r else ""
         lines.append(f"  {r['impl']:34s} {r['median_ms']:9.4f} ms [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}] {rate} "
-                     f"{r['pct_of_roofline']:6.1f}% roof  {sp:>6s}  {r['method']}")
+                     f"{roofline.format_pct(r['pct_of_roofline'], 7)} roof  {sp:>6s}  {r['method']}")
+        if r.get("ceiling_flag") and r["pct_of_roofline"] <= roofline.OVER_CEILING_TOLERANCE_PCT:
+            lines[-1] += (f"  ({r['ceiling_flag']}: {r['pct_of_gbps']:.1f}% of GB/s, "
+                          f"{r['pct_of_tflops']:.1f}% of TFLOP/s)")
     verdict = []
     if summary.get("speedup_best_ours") is not None:
         verdict.append(f"best ours {summary['best_ours']} x{summary['speedup_best_ours']:.2f} "

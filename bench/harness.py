@@ -10,8 +10,14 @@ What is measured depends on `method` (one method for every side of a comparison:
   that outlasts the host's enqueueing of the whole batch, so when the device reaches the calls they are all
   queued: no call waits on the host. After enqueueing, the host checks that the spin was still running; if the
   device had already passed it (the queue drained), the batch is run again with a longer spin (the spin's rate
-  estimate doubles, for later batches too); a batch still drained after the retries is counted in
-  `queue_drained`. Graph replays are queued the same way.
+  estimate doubles, for later batches too, up to MAX_SPIN_RATE_FACTOR x the calibrated one, and no spin
+  lasts more than MAX_SPIN_MS); a batch still drained after the retries is counted in `queue_drained`. A call
+  that blocks the host (it synchronizes, or copies to pageable memory) drains every queue however long the spin:
+  the host then waits for the spin itself, so its measured enqueue time grows with the spin. Such a call is
+  detected (a retried batch whose host time covered its whole spin) and timed without further spins
+  (`host_blocking`), instead of retried with ever longer spins: sized from host times that included the
+  previous spin, they grew about 3x per attempt, for later batches too (on the simulated device of the tests,
+  a 0.5 ms syncing call timed with rep=3 spun ~10 hours). Graph replays are queued the same way.
 - "events": CUDA events around each call on an idle queue. The time then includes the host's launch cost of
   the call: right for end-to-end figures (a model forward, a generate: what a user waits for), wrong for a
   microsecond kernel, whose time it mostly is.
@@ -52,11 +58,14 @@ MAX_CALLS_PER_GRAPH = 1024  # capture time and graph size stay small even for 1 
 # blocks and the queue drains. A batch is sized by host time (~3 us per launch at least), at most this long:
 QUEUE_BATCH_HOST_MS = 2.0
 QUEUE_MAX_BATCH = 64
-QUEUE_ATTEMPTS = 4  # a drained batch is run again with the spin rate doubled: up to 8x the calibrated one
+QUEUE_ATTEMPTS = 4  # a drained batch is run again with the spin rate doubled
+MAX_SPIN_RATE_FACTOR = 8.0  # the learned spin rate stays within 8x the calibrated one (the clock ramp: ~6x)
+MAX_SPIN_MS = 200.0  # one spin, planned: 64 calls of ~2 ms host time each at most (queue_batch)
 SLEEP_CALIBRATION_CYCLES = 2_000_000  # about 1 ms at Hopper's 2 GHz
 # device -> spin cycles per ms: calibrated once per process, then doubled whenever a spin proved too short (the
 # SM clock ramps from ~0.35 GHz idle to ~2 GHz under load, so an early calibration can be several times low)
 _SLEEP_CYCLES_PER_MS: dict = {}
+_SLEEP_CALIBRATED: dict = {}  # device -> the calibrated rate, the base of the MAX_SPIN_RATE_FACTOR bound
 MIN_DEVICE_CALL_MS = 1e-4  # 0.1 us: a graph replay per call below this captured no device work at all
 
 
@@ -277,21 +286,39 @@ def _sleep_cycles_per_ms() -> float:
             spans.append((start, end))
         cuda.synchronize()
         fastest = min(s.elapsed_time(e) for s, e in spans)
-        _SLEEP_CYCLES_PER_MS[key] = SLEEP_CALIBRATION_CYCLES / max(fastest, 1e-3)
+        _SLEEP_CYCLES_PER_MS[key] = _SLEEP_CALIBRATED[key] = SLEEP_CALIBRATION_CYCLES / max(fastest, 1e-3)
     return _SLEEP_CYCLES_PER_MS[key]
 
 
+def _learn_faster_spin() -> None:
+    """A spin ended before the host finished enqueueing: double the spin rate, within MAX_SPIN_RATE_FACTOR x
+    the calibrated one (a queue drained for another reason must not make every later spin longer forever)."""
+    key = _spin_key()
+    base = _SLEEP_CALIBRATED.get(key, _SLEEP_CYCLES_PER_MS[key])
+    _SLEEP_CYCLES_PER_MS[key] = min(2 * _SLEEP_CYCLES_PER_MS[key], MAX_SPIN_RATE_FACTOR * base)
+
+
+def planned_spin_ms(batch: int, host_ms_per_run: float) -> float:
+    """The spin behind a batch: `spin_ms` of its enqueue time, at most MAX_SPIN_MS."""
+    return min(spin_ms(batch * host_ms_per_run), MAX_SPIN_MS)
+
+
 def prefilled_times(run: Callable[[int], Any], count: int, host_ms_per_run: float) -> dict:
-    """{times, queue_drained, queue_retries, host_ms_per_run}: the device time of `run(k)` for k < count, each
-    between two events, enqueued in batches behind a spin that outlasts the host's enqueueing (module docstring).
-    `host_ms_per_run` is the first guess of the host's enqueue time per run; it is learned as batches go."""
+    """{times, queue_drained, queue_retries, host_ms_per_run, host_blocking}: the device time of `run(k)` for
+    k < count, each between two events, enqueued in batches behind a spin that outlasts the host's enqueueing
+    (module docstring). `host_ms_per_run` is the first guess of the host's enqueue time per run; it is learned
+    as batches go. host_blocking: the runs were found to wait on the device (a sync inside): later batches are
+    enqueued without a spin (each run then starts on a drained queue, as it does wherever it runs)."""
     cuda = _cuda_api()
-    times, drained, retries, k = [], 0, 0, 0
+    times, drained, retries, k, blocking = [], 0, 0, 0, False
     while k < count:
         batch = min(count - k, queue_batch(host_ms_per_run))
-        for _ in range(QUEUE_ATTEMPTS):
+        ok = False
+        for attempt in range(QUEUE_ATTEMPTS):
             cuda.synchronize()
-            cuda._sleep(int(spin_ms(batch * host_ms_per_run) * _sleep_cycles_per_ms()))
+            planned = 0.0 if blocking else planned_spin_ms(batch, host_ms_per_run)
+            if not blocking:
+                cuda._sleep(int(planned * _sleep_cycles_per_ms()))
             spin_done = cuda.Event()
             spin_done.record()
             pairs, t0 = [], _host_ms()
@@ -301,18 +328,26 @@ def prefilled_times(run: Callable[[int], Any], count: int, host_ms_per_run: floa
                 run(k + j)
                 end.record()
                 pairs.append((start, end))
-            host_ms_per_run = max(host_ms_per_run, (_host_ms() - t0) / batch)
+            host_batch_ms = _host_ms() - t0
             spin_outlasted_host = not spin_done.query()  # the device was still spinning when the host finished
             cuda.synchronize()
-            if spin_outlasted_host:
+            if spin_outlasted_host or blocking:
+                ok = spin_outlasted_host
                 break
+            if attempt >= 1 and host_batch_ms >= planned:
+                # Retried with a spin sized from the learned host time, and the host still took the whole spin:
+                # the runs wait on the device. A longer spin would only be waited for too.
+                blocking = True
+                break
+            host_ms_per_run = max(host_ms_per_run, host_batch_ms / batch)
             retries += 1
-            _SLEEP_CYCLES_PER_MS[_spin_key()] *= 2  # the device spun faster than calibrated: learn it
-        else:
+            _learn_faster_spin()  # the device spun faster than calibrated: learn it
+        if not ok:
             drained += 1  # kept, and counted: the result says how many batches waited on the host
         times += [s.elapsed_time(e) for s, e in pairs]
         k += batch
-    return dict(times=times, queue_drained=drained, queue_retries=retries, host_ms_per_run=host_ms_per_run)
+    return dict(times=times, queue_drained=drained, queue_retries=retries, host_ms_per_run=host_ms_per_run,
+                host_blocking=blocking)
 
 
 def _host_enqueue_ms(call: Callable[[int], Any], start: int, n: int = 3) -> float:
@@ -338,7 +373,8 @@ def _queue_timing(call: Callable[[int], Any], warmup: int, rep: int, n_inputs: i
     host = _host_enqueue_ms(call, warmup)
     got = prefilled_times(lambda k: call(warmup + 3 + k), rep, host)
     return summarize(got["times"], "cuda-queue", calls_per_sample=1, input_copies=n_inputs,
-                     queue_drained=got["queue_drained"], queue_retries=got["queue_retries"])
+                     queue_drained=got["queue_drained"], queue_retries=got["queue_retries"],
+                     host_blocking=got["host_blocking"])
 
 
 def _graph_timing(call: Callable[[int], Any], warmup: int, rep: int, n_inputs: int, target_ms: float) -> dict:

@@ -125,3 +125,29 @@ def binding_ops(tmp_path_factory):
     if "ops" not in _CPU_BINDING:
         _CPU_BINDING["ops"] = _build_cpu_binding(tmp_path_factory.mktemp("binding"))
     return _CPU_BINDING["ops"]
+
+
+# ---- CUDA tensors without a GPU ---------------------------------------------------------------------------------
+
+class StoragelessCuda(torch.Tensor):
+    """A tensor on "cuda:0" with sizes, strides, offset and dtype but no storage, made without a GPU. An op on it
+    goes straight to the op's CUDA kernel (the Autograd and ADInplaceOrView keys run first, as for a real CUDA
+    tensor): the binding's Torch-side checks run as they do on the GPU, with the real device, views and strides,
+    and a call that passes them fails at its first data_ptr(), before any CUDA call. Other ops are refused."""
+
+    @staticmethod
+    def __new__(cls, size, dtype, strides=None, offset=0):
+        size = tuple(size)
+        if strides is None:
+            strides, acc = [], 1
+            for s in reversed(size):
+                strides.insert(0, acc)
+                acc *= max(s, 1)
+        return torch.Tensor._make_wrapper_subclass(cls, size, strides=tuple(strides), storage_offset=offset,
+                                                   dtype=dtype, device="cuda:0")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func.namespace != "qwen2vl_fast":
+            raise NotImplementedError(f"StoragelessCuda runs only the qwen2vl_fast ops, not {func}")
+        return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args, **(kwargs or {}))

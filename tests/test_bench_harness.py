@@ -213,6 +213,31 @@ def test_a_drained_queue_is_retried_with_a_longer_spin(fake_cuda, monkeypatch):
     assert t["queue_drained"] == 1
 
 
+def test_a_call_that_blocks_the_host_is_timed_without_ever_longer_spins(fake_cuda):
+    """A call that synchronizes drains every queue: the host waits for the spin itself. It used to be retried with
+    spins sized from host times that included the previous spin (about 3x per attempt, for later batches too):
+    rep=3 of a 0.5 ms call spun for ~10 simulated hours, and bench_vision_kernels.py ran out of its step's time."""
+    def blocking():
+        fake_cuda.kernel(0.5, capturable=False)
+        fake_cuda.synchronize()
+
+    t = harness.time_fn(blocking, warmup=1, rep=30, device="cuda")
+    assert t["method"] == "cuda-queue" and t["host_blocking"] and t["n"] == 30
+    assert t["median_ms"] == pytest.approx(0.5, rel=0.1)
+    assert fake_cuda.host < 1000.0  # simulated ms in all: calibration, graph attempt, queue
+    assert max(fake_cuda.sleeps) <= harness.MAX_SPIN_MS * harness.MAX_SPIN_RATE_FACTOR
+    calibrated = harness._SLEEP_CALIBRATED["0"]
+    assert harness._SLEEP_CYCLES_PER_MS["0"] <= harness.MAX_SPIN_RATE_FACTOR * calibrated
+    # and a call that does not block is still queued behind a spin, undrained
+    t = harness.time_fn(lambda: fake_cuda.kernel(KERNEL_MS), warmup=1, rep=6, device="cuda", method="queue")
+    assert not t["host_blocking"] and t["queue_drained"] == 0 and t["median_ms"] == pytest.approx(KERNEL_MS)
+
+
+def test_planned_spins_are_bounded():
+    assert harness.planned_spin_ms(1, 2.0) == pytest.approx(3.2)
+    assert harness.planned_spin_ms(64, 1e4) == harness.MAX_SPIN_MS
+
+
 def test_the_spin_covers_the_host_enqueue_of_a_batch(fake_cuda):
     harness.time_fn(lambda: fake_cuda.kernel(KERNEL_MS), warmup=1, rep=100, device="cuda", method="queue")
     batch = harness.queue_batch(LAUNCH_MS)

@@ -27,6 +27,7 @@ def one_thread(monkeypatch):
     """One intra-op thread: the smoke runs are tiny, and two threads on a shared CPU mostly wait for each other."""
     monkeypatch.delenv("QWEN2VL_FAST_BENCH_OUT", raising=False)
     monkeypatch.delenv("QWEN2VL_FAST_BENCH_BUNDLE", raising=False)
+    monkeypatch.delenv("QWEN2VL_FAST_BENCH_BUDGET_S", raising=False)  # gpu_check.sh's: no budget in the smoke runs
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_cuda import binding_ops, build_host_replay, extension_ops
+from helpers_cuda import StoragelessCuda, binding_ops, build_host_replay, extension_ops
 
 from qwen2vl_fast.errors import BackendError
 from qwen2vl_fast.ops import get_op, resolve
@@ -378,6 +378,54 @@ def test_binding_argument_checks(binding):
         binding.rotary_2d_(qkv, table, table.half(), 16)
     with pytest.raises(NotImplementedError):  # CUDA and Meta kernels only
         binding.patch_gather(torch.zeros(2, 3, 28, 28, dtype=torch.uint8), mean, std, 14, 2, 2, torch.float32)
+
+
+def _cuda_kernel_raises(call, message):
+    """`call()` reaches a CUDA kernel of the binding and raises RuntimeError matching `message`."""
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def test_cuda_kernels_reject_bad_input_without_a_gpu(binding):
+    """The CUDA kernels' own check paths (not the Meta kernels'), on storage-less "cuda:0" tensors: the calls of
+    test_rotary_2d_cuda_rejects_bad_input, test_patch_gather_cuda_misaligned_frames_and_bad_input and
+    test_cuda_quant_decode.py::test_gpu_op_rejects_bad_input, which segfaulted on the H200 (torch 2.11), raise
+    here, views included. A call that passes the checks fails later (no GPU, no storage), before any launch."""
+    bf16, f32 = torch.bfloat16, torch.float32
+    s, h, d = 8, 2, 80
+    qkv = StoragelessCuda((s, 3 * h * d), bf16)
+    cos, sin = StoragelessCuda((s, d), f32), StoragelessCuda((s, d), f32)
+    view = StoragelessCuda((s, 3 * h * d - 6), bf16, strides=(3 * h * d, 1))  # qkv[:, :-6]: head_dim 79
+    _cuda_kernel_raises(lambda: binding.rotary_2d_(view, cos, sin, h), "head_dim must be 64, 80 or 128, got 79")
+    contiguous = StoragelessCuda((s, 3 * h * d - 6), bf16)
+    _cuda_kernel_raises(lambda: binding.rotary_2d_(contiguous, cos, sin, h), "head_dim must be 64, 80 or 128")
+    _cuda_kernel_raises(lambda: binding.rotary_2d_(qkv, StoragelessCuda((s, d), torch.float16), sin, h),
+                        "cos must be float32, got Half")
+    _cuda_kernel_raises(lambda: binding.rotary_2d_(view, StoragelessCuda((s, d), torch.float16), sin, h),
+                        "head_dim")  # a view with a wrong dtype: the first failed check names its problem
+    _cuda_kernel_raises(lambda: binding.rotary_2d_(StoragelessCuda((s, 3 * h * d), bf16, strides=(1, s)), cos, sin,
+                                                   h), "rows must be contiguous")
+    passed = None  # past the checks, any error: the device guard or stream (no GPU), a data_ptr() (no storage)
+    _cuda_kernel_raises(lambda: binding.rotary_2d_(qkv, cos, sin, h), passed)
+    mean, std = list(CLIP_MEAN), list(CLIP_STD)
+    frames = StoragelessCuda((3, 3, 56, 56), torch.uint8, offset=1)  # buf[1:].view(3, 3, 56, 56)
+    narrow = StoragelessCuda((3, 3, 50, 56), torch.uint8, strides=(3 * 56 * 56, 56 * 56, 56, 1), offset=1)
+    _cuda_kernel_raises(lambda: binding.patch_gather(narrow, mean, std, 14, 2, 2, f32),
+                        "frame size 50x56 is not a multiple of patch \\* merge = 28")
+    _cuda_kernel_raises(lambda: binding.patch_gather(StoragelessCuda((3, 3, 56, 56), f32), mean, std, 14, 2, 2, f32),
+                        "uint8")
+    _cuda_kernel_raises(lambda: binding.patch_gather(frames, mean[:2], std, 14, 2, 2, f32), "3 channels but 2 means")
+    _cuda_kernel_raises(lambda: binding.patch_gather(frames, mean, std, 14, 2, 2, f32), passed)
+    x17, x2 = StoragelessCuda((17, 128), bf16), StoragelessCuda((2, 128), torch.float16)
+    qweight, counters = StoragelessCuda((16, 72), torch.int32), StoragelessCuda((8192,), torch.int32)
+    scales = StoragelessCuda((4, 72), bf16)
+    _cuda_kernel_raises(lambda: binding.quant_gemm_decode(x17, qweight, scales, scales, None, 4, 32, counters),
+                        "at most 16 rows")
+    _cuda_kernel_raises(lambda: binding.quant_gemm_decode(x2, qweight, scales, scales, None, 4, 32, counters),
+                        "scales must be Half like x")
+    _cuda_kernel_raises(lambda: binding.quant_gemm_decode(StoragelessCuda((2, 128), bf16), qweight, scales, scales,
+                                                          None, 4, 32, StoragelessCuda((8192,), torch.int64)),
+                        "counters must be a contiguous int32")
 
 
 def test_binding_quant_gemm_decode(binding):

@@ -345,3 +345,19 @@ def test_soak_of_1000_requests_with_mixed_image_sizes_keeps_memory_bounded(tiny_
     growth = marks[999] - marks[200]
     print(f"RSS at request 200: {marks[200]:.0f} MiB, at 1000: {marks[999]:.0f} MiB (growth {growth:.0f} MiB)")
     assert growth < 160
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_graph_continuous_batching_gives_each_request_its_alone_tokens(tiny_checkpoints, family):
+    """Requests joining and leaving a graph-replayed batch (buckets padded with free slots) on the GPU: each
+    gets the tokens the eager engine gives it alone."""
+    path = tiny_checkpoints[family]
+    graphs = Engine.from_pretrained(path, device="cuda", dtype=torch.float32, max_batch=8, max_len=512)
+    eager = Engine.from_pretrained(path, device="cuda", dtype=torch.float32, max_batch=8, max_len=512,
+                                   cuda_graphs=False, warmup=False)
+    lengths = [3 + (i * 5) % 11 for i in range(20)]
+    expected = [eager.generate(chat(i), max_new_tokens=lengths[i], ignore_eos=True)[0].token_ids for i in range(20)]
+    handles = [graphs.submit(chat(i), max_new_tokens=lengths[i], ignore_eos=True) for i in range(20)]
+    assert [h.result(timeout=120).token_ids for h in handles] == expected
+    assert graphs.graphs is not None and graphs.graphs.graphs

@@ -51,7 +51,8 @@ class DecodeGraphs:
                 self._step(bs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: the engine thread captures while callers may still move their inputs to the device
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 self.outputs[bs] = self._step(bs)
             if self.pool is None:
                 self.pool = graph.pool()
