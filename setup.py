@@ -25,8 +25,14 @@ EXTENSION = "qwen2vl_fast._C"
 
 # No pins that fight torch: each torch release pins its own triton (2.13 -> 3.6, 2.14 -> 3.8), so [test] accepts
 # any Triton 3. The CPU torch pulls none; .ci/run installs the one the interpreter tests are pinned to first.
+SERVE = ["fastapi>=0.110", "uvicorn>=0.30"]
 EXTRAS = {
-    "test": ["pytest>=7", "pytest-benchmark", "transformers==4.57.6", "triton>=3.0; platform_system == 'Linux'"],
+    # [test] includes the server's dependencies and the openai client its tests drive it with
+    "test": ["pytest>=7", "pytest-benchmark", "transformers==4.57.6", "triton>=3.0; platform_system == 'Linux'",
+             *SERVE, "openai>=1.40", "httpx", "matplotlib"],
+    # the kernel microbenchmark suites (`pytest bench --benchmark-only`) and their report (`python -m bench.report`)
+    "bench": ["pytest>=7", "pytest-benchmark", "matplotlib"],
+    "serve": SERVE,
     "triton": ["triton>=3.0"],
     "build": ["pybind11", "ninja"],
 }
@@ -174,7 +180,7 @@ if __name__ == "__main__":
         # `kernels` must never be importable at the top level: a PyPI package of that name exists and
         # transformers imports it when found. It installs as the subpackage qwen2vl_fast.kernels.
         packages=["qwen2vl_fast", "qwen2vl_fast.engine", "qwen2vl_fast.ops", "qwen2vl_fast.processing",
-                  "qwen2vl_fast.quant", "qwen2vl_fast.testing", "qwen2vl_fast.kernels"],
+                  "qwen2vl_fast.quant", "qwen2vl_fast.server", "qwen2vl_fast.testing", "qwen2vl_fast.kernels"],
         package_dir={"qwen2vl_fast.kernels": "kernels"},
         install_requires=["torch>=2.4", "safetensors>=0.4", "numpy", "tokenizers>=0.19", "tqdm", "pillow", "av"],
         extras_require=EXTRAS,

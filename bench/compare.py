@@ -196,11 +196,13 @@ def _first_runnable(variants: list, nbytes: float, rotate: bool, l2_bytes: int, 
 
 
 def time_candidates(case: Case, *, device, rotate: bool, l2_bytes: int, warmup: int, rep: int,
-                    method: str = "kernel", budget: Optional[Budget] = None, out: Optional[dict] = None) -> dict:
+                    method: str = "kernel", budget: Optional[Budget] = None, out: Optional[dict] = None,
+                    keep_samples: bool = False) -> dict:
     """{name: timing or {"error": ...}} with one method for all: "kernel" tries "graph" for every candidate and,
     if any cannot be captured, times them all again with "queue". With a `budget`, candidates that come up once
     the case's budget is spent are not run: {"error": "skipped: ...", "skipped": True}. `out`, if given, is
-    filled as candidates finish (what a stopped run still writes)."""
+    filled as candidates finish (what a stopped run still writes). `keep_samples`: each timing also holds its
+    `samples_ms` (harness.time_fn), for the pytest-benchmark suites."""
     device = torch.device(device)
     plan = "graph" if method == "kernel" and device.type == "cuda" else method
     out = {} if out is None else out
@@ -218,7 +220,8 @@ def time_candidates(case: Case, *, device, rotate: bool, l2_bytes: int, warmup: 
                 continue
             try:
                 with torch.inference_mode():
-                    t = harness.time_fn(cand.fn, warmup=warmup, rep=rep, inputs=inputs, device=device, method=plan)
+                    t = harness.time_fn(cand.fn, warmup=warmup, rep=rep, inputs=inputs, device=device, method=plan,
+                                        keep_samples=keep_samples)
                 out[name] = dict(t, tag=cand.tag, first_call_s=first, bytes=cand.nbytes or case.nbytes)
             except harness.CaptureError as e:
                 fallback = True
@@ -282,16 +285,17 @@ def summarize_case(case: Case, times: dict, ceilings: dict) -> tuple[list, dict]
 
 def run_case(case: Case, ceilings: dict, *, device, warmup: int = 5, rep: int = 30, method: str = "kernel",
              l2_bytes: Optional[int] = None, budget: Optional[Budget] = None,
-             progress: Optional[dict] = None) -> tuple[list, dict]:
+             progress: Optional[dict] = None, keep_samples: bool = False) -> tuple[list, dict]:
     """Time every candidate of `case` (rotating inputs when it is memory-bound) -> (rows, summary).
-    `progress` (a dict) receives the timings as they finish, for a run that is stopped mid-case."""
+    `progress` (a dict) receives the timings as they finish, for a run that is stopped mid-case.
+    `keep_samples`: each row also holds its `samples_ms` (the pytest-benchmark suites replay them)."""
     device = torch.device(device)
     bound = case.memory_bound
     if bound is None:
         bound = roofline.is_memory_bound(case.flops, case.nbytes, ceilings)
     l2 = l2_bytes if l2_bytes is not None else harness.l2_cache_bytes(device)
     times = time_candidates(case, device=device, rotate=bound, l2_bytes=l2, warmup=warmup, rep=rep, method=method,
-                            budget=budget, out=progress)
+                            budget=budget, out=progress, keep_samples=keep_samples)
     return finish_case(case, dict(times), ceilings, bound, l2)
 
 

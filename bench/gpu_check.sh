@@ -26,7 +26,8 @@
 # GPU, 480), sanitize (compute-sanitizer memcheck + racecheck on the CUDA decode GEMM's tests, 300), serve-2b
 # (bench_serve.py, engine target: 128 mixed image prompts at rate inf and 8 req/s vs static generate batches;
 # 150 expected, not yet measured), serve-http-2b (the same through `qwen2vl-fast serve` over HTTP, the server
-# started by the script, then the baseline in-process; 200 expected, not yet measured).
+# started by the script, then the baseline in-process; 200 expected, not yet measured), suites-ops (`pytest bench
+# --benchmark-only --bench-suites ops`: writes $OUT/bench_suites.json, 180 expected, not yet measured).
 #
 # Every step runs under `timeout`, capped by what is left of the budget (a step that would get < 15 s is skipped);
 # a failed or timed-out step is reported and the next one still runs. A step's command sees
@@ -165,6 +166,9 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|nump
         --request-rate inf 8
     step serve-http-2b 200 300 "$PY" bench/bench_serve.py --preset qwen2-vl-2b --target http --num-prompts 128 \
         --request-rate inf
+    # pytest-benchmark suites (issue 16): the small ops first (every registry op has a case); others by --bench-suites
+    step suites-ops 180 300 "$PY" -m pytest bench --benchmark-only -q -p no:cacheprovider --bench-suites ops \
+        --bench-no-compile --benchmark-json="$OUT_DIR/bench_suites.json"
     step generate-7b 480 540 "$PY" bench/bench_generate.py --presets qwen2-vl-7b --batches 1 16 --new-tokens 128 \
         --reps "$GEN_REPS"
     step sanitize 300 400 bash -c "compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -m gpu \

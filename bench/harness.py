@@ -190,7 +190,8 @@ def spin_ms(host_ms: float) -> float:
 
 
 def time_fn(fn: Callable, *, warmup: int = 5, rep: int = 50, inputs=None, rotate_bytes: Optional[int] = None,
-            device=None, method: str = "kernel", target_sample_ms: float = TARGET_SAMPLE_MS) -> dict:
+            device=None, method: str = "kernel", target_sample_ms: float = TARGET_SAMPLE_MS,
+            keep_samples: bool = False) -> dict:
     """Time `fn`; return {median_ms, p20_ms, p80_ms, n, min_ms, method, calls_per_sample, input_copies, ...}.
 
     warmup: calls before timing (not milliseconds as in do_bench), so compilation, autotuning, the measured
@@ -202,7 +203,17 @@ def time_fn(fn: Callable, *, warmup: int = 5, rep: int = 50, inputs=None, rotate
     device: where the work runs; default: the device of the first input tensor, else CUDA if present. Pass
         device="cpu" to time host-side work on a CUDA machine (device methods would see none of it).
     method: see the module docstring. "graph" raises CaptureError where "kernel" falls back to "queue".
+    keep_samples: also return `samples_ms`, every sample's per-call time in the order taken (what the
+        pytest-benchmark suites feed `benchmark.pedantic`, bench/conftest.py); "do_bench" keeps none.
     """
+    got = _time_fn(fn, warmup, rep, inputs, rotate_bytes, device, method, target_sample_ms)
+    samples = got.pop("samples_ms", None)
+    if keep_samples and samples is not None:
+        got["samples_ms"] = [float(t) for t in samples]
+    return got
+
+
+def _time_fn(fn, warmup, rep, inputs, rotate_bytes, device, method, target_sample_ms) -> dict:
     if callable(inputs):
         inputs = make_rotating_inputs(inputs, rotate_bytes)
     elif rotate_bytes is not None:
@@ -224,8 +235,8 @@ def time_fn(fn: Callable, *, warmup: int = 5, rep: int = 50, inputs=None, rotate
     cuda = _cuda_api()
     with cuda.device(device):
         if method == "events":
-            return summarize(_event_times(call, warmup, rep), "cuda-events", calls_per_sample=1,
-                             input_copies=n_inputs)
+            times = _event_times(call, warmup, rep)
+            return summarize(times, "cuda-events", calls_per_sample=1, input_copies=n_inputs, samples_ms=times)
         if method == "do_bench":
             # The warm-up calls, timed, double as the per-call estimate that sizes do_bench's millisecond budgets.
             est = summarize(_event_times(call, 0, max(warmup, 1)))["median_ms"]
@@ -247,7 +258,7 @@ def _perf_counter_timing(call, warmup: int, rep: int, n_inputs: int) -> dict:
         t0 = time.perf_counter()
         call(i)
         times.append((time.perf_counter() - t0) * 1e3)
-    return summarize(times, "perf_counter", calls_per_sample=1, input_copies=n_inputs)
+    return summarize(times, "perf_counter", calls_per_sample=1, input_copies=n_inputs, samples_ms=times)
 
 
 def _event_times(call: Callable[[int], Any], warmup: int, rep: int) -> list[float]:
@@ -366,15 +377,16 @@ def _host_enqueue_ms(call: Callable[[int], Any], start: int, n: int = 3) -> floa
 def _queue_timing(call: Callable[[int], Any], warmup: int, rep: int, n_inputs: int) -> dict:
     cuda = _cuda_api()
     if not hasattr(cuda, "_sleep"):  # no spin kernel in this torch: per-call events, and the result says so
-        return summarize(_event_times(call, warmup, rep), "cuda-events (no torch.cuda._sleep)", calls_per_sample=1,
-                         input_copies=n_inputs)
+        times = _event_times(call, warmup, rep)
+        return summarize(times, "cuda-events (no torch.cuda._sleep)", calls_per_sample=1, input_copies=n_inputs,
+                         samples_ms=times)
     for i in range(warmup):
         call(i)
     host = _host_enqueue_ms(call, warmup)
     got = prefilled_times(lambda k: call(warmup + 3 + k), rep, host)
     return summarize(got["times"], "cuda-queue", calls_per_sample=1, input_copies=n_inputs,
                      queue_drained=got["queue_drained"], queue_retries=got["queue_retries"],
-                     host_blocking=got["host_blocking"])
+                     host_blocking=got["host_blocking"], samples_ms=got["times"])
 
 
 def _graph_timing(call: Callable[[int], Any], warmup: int, rep: int, n_inputs: int, target_ms: float) -> dict:
@@ -412,7 +424,7 @@ def _graph_timing(call: Callable[[int], Any], warmup: int, rep: int, n_inputs: i
     if sorted(per_call_times)[len(per_call_times) // 2] < MIN_DEVICE_CALL_MS:
         raise CaptureError("the captured graph holds no device work: time host-side code with device='cpu'")
     return summarize(per_call_times, "cuda-graph", calls_per_sample=calls, input_copies=n_inputs,
-                     queue_drained=got["queue_drained"], queue_retries=got["queue_retries"])
+                     queue_drained=got["queue_drained"], queue_retries=got["queue_retries"], samples_ms=per_call_times)
 
 
 def _do_bench(call: Callable[[int], Any], warmup: int, rep: int, per_call_ms: float, start: int) -> dict:

@@ -4,7 +4,9 @@ Absolute times hold only for the GPU that measured them (DESIGN.md "Performance 
 carries the GPU name, the library versions and the repository commit (plus a dirty flag: uncommitted changes
 mean the commit alone does not name the code). Nothing host-identifying is recorded.
 
-Files go to `bench/results/<name>-<gpu-slug>-<YYYYmmdd-HHMMSS>.json` (UTC). A benchmark with many cases writes its
+Files go to `bench/results/<name>-<gpu-slug>-<YYYYmmdd-HHMMSS>.json` (UTC). Besides its own payload ("result"),
+every file carries "benchmarks": the same results as pytest-benchmark entries (bench/records.py), the shape the
+kernel suites write, so bench/report.py reads every benchmark alike. A benchmark with many cases writes its
 file as it goes (`ResultFile.update` after each case, "complete": false, then `finish`), so a run stopped by a
 timeout still leaves every finished case. Where the copies go as well:
 - QWEN2VL_FAST_BENCH_OUT names a folder: each file is copied there;
@@ -159,6 +161,16 @@ def unbundle(bundle: str | os.PathLike, out_dir: str | os.PathLike = "bench/resu
     return paths
 
 
+def _records():
+    """bench/records.py (the entries every result also carries, in pytest-benchmark's shape), imported as
+    `bench.records` or, when this file runs as a script, from beside it."""
+    try:
+        from . import records
+    except ImportError:
+        import records
+    return records
+
+
 class ResultFile:
     """One result file, rewritten whole on every `update` (with "complete": false) and closed by `finish`.
 
@@ -185,7 +197,8 @@ class ResultFile:
         self.update({})  # claims the name at once, and says the run started even if no case finishes
 
     def update(self, payload: dict, complete: bool = False) -> Path:
-        doc = dict(name=self.name, created_utc=self.created, complete=complete, environment=self.env, result=payload)
+        doc = dict(name=self.name, created_utc=self.created, complete=complete, environment=self.env, result=payload,
+                   benchmarks=_records().entries_for(self.name, payload))
         _write_json_atomically(self.path, doc)
         extra = os.environ.get(OUT_ENV)
         if extra:

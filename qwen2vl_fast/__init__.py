@@ -3,18 +3,20 @@
 from . import ops
 from .config import ModelConfig, load_config
 from .errors import BackendError, CheckpointError, ConfigError, InputError, Qwen2VLFastError
+from .hf_patch import patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["load", "tune", "load_config", "ModelConfig", "ops", "Processor", "Engine", "Qwen2VLFastError", "ConfigError", "CheckpointError",
+__all__ = ["load", "tune", "patch", "unpatch", "load_config", "ModelConfig", "ops", "Processor", "Engine", "Qwen2VLFastError", "ConfigError", "CheckpointError",
            "InputError", "BackendError", "__version__"]
 
 
-def load(path, device="cpu", dtype=None, backend="auto", progress=None, dispatch="measure", dispatch_cache=None):
+def load(path, device="cpu", dtype=None, backend="auto", progress=None, dispatch="measure", dispatch_cache=None,
+         tensor_parallel=False):
     """Load a checkpoint directory into a model with the call signature of transformers' model. See `model.load`."""
     from .model import load as _load
 
     return _load(path, device=device, dtype=dtype, backend=backend, progress=progress, dispatch=dispatch,
-                 dispatch_cache=dispatch_cache)
+                 dispatch_cache=dispatch_cache, tensor_parallel=tensor_parallel)
 
 
 def tune(model, inputs=None, remeasure=False):

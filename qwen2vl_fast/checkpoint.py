@@ -167,6 +167,7 @@ def _check(entries: dict, config: ModelConfig) -> None:
 
 
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+_OWN_SLICE = object()  # read(): the slice the tensor-parallel shard assigns (the whole tensor without one)
 
 
 def _split_quantized(entries: dict, config: ModelConfig, qcfg: QuantConfig) -> tuple[set, set]:
@@ -198,7 +199,14 @@ def _resolve_dtype(dtype):
     return dtype
 
 
-def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progress=None) -> dict[str, torch.Tensor]:
+def _close_handles(handles: dict) -> None:
+    for handle in handles.values():
+        handle.__exit__(None, None, None)
+    handles.clear()
+
+
+def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progress=None,
+                    shard=None) -> dict[str, torch.Tensor]:
     """Read a checkpoint directory into the fused runtime layout (`layout.fused_tensor_shapes(config)`).
 
     `dtype=None` keeps the stored dtype, otherwise floating tensors are cast. With a `quantization_config` in
@@ -208,6 +216,8 @@ def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progres
     as the very `model.embed_tokens.weight` tensor (a stored `lm_head.weight` is ignored). `progress`: True /
     False, or None for a bar on stderr only above 1 GiB. Raises `CheckpointError` on any mismatch.
     MLP widths stay the checkpoint's here; `model.load` then zero-pads unaligned ones (align.pad_mlp_widths).
+    `shard`: a `parallel.TensorParallel`; each tensor is then read as this rank's slice only (the checks above
+    still run on the whole checkpoint's headers).
     """
     path = os.path.abspath(os.fspath(path))
     dtype = _resolve_dtype(dtype)
@@ -243,19 +253,32 @@ def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progres
     with ExitStack() as stack, tqdm(total=total, unit="B", unit_scale=True, desc="loading checkpoint",
                                     file=sys.stderr, disable=not show) as bar:
         handles: dict[str, object] = {}
+        if shard is not None:  # sharded: the memory maps are closed after every group (below), or on an error
+            stack.callback(_close_handles, handles)
 
-        def read(name: str) -> torch.Tensor:
+        def read(name: str, spec=_OWN_SLICE) -> torch.Tensor:
             file, info, stored = entries[name]
             try:
                 if file not in handles:  # shards stay open: a fusion group may span two of them
-                    handles[file] = stack.enter_context(safe_open(file, framework="pt", device=str(device)))
-                t = handles[file].get_tensor(stored)
+                    if shard is None:
+                        handles[file] = stack.enter_context(safe_open(file, framework="pt", device=str(device)))
+                    else:  # slices are cut on the host (a device handle may read whole tensors), then moved
+                        handles[file] = safe_open(file, framework="pt", device="cpu").__enter__()
+                if shard is None:
+                    t = handles[file].get_tensor(stored)
+                else:  # this rank's slice only (spec: see parallel.TensorParallel.read_slice)
+                    spec = shard.float_spec(name) if spec is _OWN_SLICE else spec
+                    t = shard.read_slice(handles[file], stored, spec, info["shape"]).to(device)
             except (SafetensorError, OSError, RuntimeError, ValueError) as e:
                 raise CheckpointError(f"{file}: cannot read tensor {stored} ({e})") from None
             bar.update(info["data_offsets"][1] - info["data_offsets"][0])
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
         for fused in layout.fused_tensor_shapes(config):  # the runtime's order; embed_tokens precedes lm_head
+            if shard is not None:
+                # the pages of the previous group's slices stay mapped (and counted in the process's memory)
+                # while its files are open: a rank's load then peaks near its shard plus one group
+                _close_handles(handles)
             if tied and fused == "lm_head.weight":
                 out[fused] = out["model.embed_tokens.weight"]
                 continue
@@ -268,7 +291,11 @@ def load_checkpoint(path, config: ModelConfig, device="cpu", dtype=None, progres
                 qws = []
                 for p in parts:
                     prefix = p[: -len(".weight")]
-                    stored = {n: read(n) for n in (f"{prefix}.{s}" for s in _QUANT_SUFFIXES) if n in entries}
+                    names = [n for n in (f"{prefix}.{s}" for s in _QUANT_SUFFIXES) if n in entries]
+                    if shard is None:
+                        stored = {n: read(n) for n in names}
+                    else:
+                        stored = shard.read_quantized(read, prefix, {n: entries[n][1]["shape"] for n in names})
                     qws.append(load_quantized_linear(stored, prefix, qcfg, dtype=dtype))
                 # a QuantizedWeight (N along qweight's dim 1), or QuantizedParts where act-order permutations differ
                 out[fused] = fuse_quantized(qws, fused)

@@ -10,6 +10,8 @@
                                                          the measured winner per shape on this device, with times
   qwen2vl-fast tune --model DIR [--image 1344x896 ...]   measure every raced op at the model's real shapes
                                                          (prefill, images, decode batches) and cache the winners
+  qwen2vl-fast serve --model DIR [--port 8000]          an OpenAI-compatible HTTP server (chat completions
+                                                         with images / videos, streaming, /metrics)
 """
 
 from __future__ import annotations
@@ -235,8 +237,16 @@ def _cmd_generate(args) -> int:
 
     device = check_device(args.device)
     dtype = _DTYPES[args.dtype] if args.dtype else None
+    rank = 0
+    if args.tensor_parallel:  # every rank runs this same command; rank 0 prints
+        from .parallel import init_from_env
+
+        rank, _ = init_from_env(device)
     engine = Engine.from_pretrained(args.model, device=device, dtype=dtype, backend=args.backend, max_batch=1,
-                                    cuda_graphs=not args.no_cuda_graphs, max_len=args.max_len)
+                                    cuda_graphs=not args.no_cuda_graphs, max_len=args.max_len,
+                                    tensor_parallel=args.tensor_parallel)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # the same tokens as rank 0; only rank 0 talks to the user
     content = ([{"type": "image", "image": p} for p in args.image] + [{"type": "video", "video": p} for p in args.video]
                + [{"type": "text", "text": args.prompt}])
     events = engine.stream([{"role": "user", "content": content}], max_new_tokens=args.max_new_tokens,
@@ -247,7 +257,12 @@ def _cmd_generate(args) -> int:
     print()
     t = engine.last_timings
     print(f"[{t['generated_tokens']} tokens, prefill {t['prefill_s'] * 1e3:.0f} ms, "
-          f"{t['decode_tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+          f"{t['decode_tokens_per_s']:.1f} tokens/s]", file=sys.stderr if rank == 0 else sys.stdout)
+    if args.tensor_parallel:
+        import torch.distributed as dist
+
+        engine.close()
+        dist.destroy_process_group()
     return 0
 
 
@@ -261,6 +276,114 @@ def _cmd_quantize(args) -> int:
                               method=args.method, sym=args.sym, act_order=args.act_order, device=args.device)
     print(f"quantized {args.model} ({args.method}, {args.bits}-bit, group {args.group_size}) into {args.format} "
           f"format at {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 0..65535 (0: any free port), got {text!r}")
+    return value
+
+
+def _listen_socket(host: str, port: int):
+    """The server's socket, bound before the model loads so that a taken port fails in a second."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise Qwen2VLFastError(f"--host {host!r}: not an address of this machine ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise _ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+class _ServeError(Exception):
+    """A failure at run time of `serve` (exit 1), e.g. a port already in use."""
+
+
+def _cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .server.app import create_app
+    except ImportError as e:
+        raise Qwen2VLFastError(f"serve needs FastAPI and uvicorn ({e.name} is not installed): "
+                               f"pip install 'qwen2vl_fast[serve]'") from None
+    from .engine import Engine
+    from .model import check_device
+
+    if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
+        raise Qwen2VLFastError(f"--allowed-local-media-path {args.allowed_local_media_path!r}: not a directory")
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        raise Qwen2VLFastError(f"--min-pixels {args.min_pixels} is larger than --max-pixels {args.max_pixels}")
+    device = check_device(args.device)
+    options = {k: getattr(args, k) for k in ("max_len", "max_pixels", "min_pixels", "vision_cache_mb", "max_queue")
+               if getattr(args, k) is not None}
+    if args.tensor_parallel:  # under torchrun: rank 0 serves HTTP, the other ranks run its engine's steps
+        from .parallel import init_from_env
+
+        if init_from_env(device)[0] != 0:
+            Engine.from_pretrained(args.model, device=device, dtype=_DTYPES[args.dtype] if args.dtype else None,
+                                   max_batch=args.max_batch, tensor_parallel=True, **options).follow()
+            return 0
+    try:
+        sock = _listen_socket(args.host, args.port)
+    except _ServeError as e:
+        return _fail(str(e), 1)
+    try:
+        t0 = time.perf_counter()
+        engine = Engine.from_pretrained(args.model, device=device, dtype=_DTYPES[args.dtype] if args.dtype else None,
+                                        max_batch=args.max_batch, tensor_parallel=args.tensor_parallel, **options)
+        if args.tensor_parallel:
+            engine.lead()  # the other ranks get each admitted request's inputs from rank 0
+        if engine.processor is None:
+            raise Qwen2VLFastError(f"--model {args.model!r} has no tokenizer.json: the server needs the tokenizer "
+                                   f"to render chat requests")
+        name = args.served_model_name or args.model
+        app = create_app(engine, served_model_name=name,
+                         api_key=args.api_key or os.environ.get("QWEN2VL_FAST_API_KEY") or None,
+                         allowed_local_media_path=args.allowed_local_media_path, close_engine_on_shutdown=True)
+        host, port = sock.getsockname()[:2]
+        ready = (f"qwen2vl-fast: serving {name!r} ({engine.model}, loaded in {time.perf_counter() - t0:.1f} s) on "
+                 f"http://{f'[{host}]' if ':' in host else host}:{port}/v1 (Ctrl-C to stop)")
+        state = app.state.server
+
+        class Server(uvicorn.Server):
+            async def startup(self, sockets=None):
+                await super().startup(sockets=sockets)
+                if not self.should_exit:
+                    print(ready, file=sys.stderr, flush=True)  # the line to wait for: requests are taken now
+
+            def handle_exit(self, sig, frame):  # SIGINT / SIGTERM: refuse new requests, cancel those in flight
+                state.begin_shutdown()
+                super().handle_exit(sig, frame)
+
+        config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level, access_log=args.access_log,
+                                timeout_graceful_shutdown=10)
+        Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 
@@ -302,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--no-cuda-graphs", action="store_true")
+    g.add_argument("--tensor-parallel", action="store_true",
+                   help="shard the language model over the ranks of torchrun (torchrun --nproc-per-node N "
+                        "$(which qwen2vl-fast) generate --tensor-parallel ...); rank 0 prints")
     g.set_defaults(fn=_cmd_generate)
 
     w = sub.add_parser("write-checkpoint", help="write a random-weight checkpoint in the HF format")
@@ -345,6 +471,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache", default=None, help="tuning cache file (default ~/.cache/qwen2vl_fast/dispatch.json)")
     t.add_argument("--remeasure", action="store_true", help="forget this device's earlier winners first")
     t.set_defaults(fn=_cmd_tune)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat completions, /v1/models, /metrics)")
+    s.add_argument("--model", required=True, help="checkpoint directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free port, printed at start)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model as given)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: "
+                   "$QWEN2VL_FAST_API_KEY, else no key)")
+    s.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="let requests name local image / video files inside DIR (default: data: URIs only)")
+    s.add_argument("--max-batch", type=_positive_int, default=16, help="sequences decoded together (KV slots)")
+    s.add_argument("--max-len", type=_positive_int, default=None,
+                   help="KV cache tokens per sequence (default: min(context, 8192))")
+    s.add_argument("--min-pixels", type=_positive_int, default=None, help="every image's minimum pixel budget")
+    s.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="every image's pixel budget (default: the checkpoint's, capped at max_len // 2 * 784)")
+    s.add_argument("--vision-cache-mb", type=float, default=None,
+                   help="vision encoder output cache in MiB (0: off; default: the engine's, 256)")
+    s.add_argument("--max-queue", type=_positive_int, default=None,
+                   help="sequences that may wait for a KV slot; past it requests get 429 (default 256)")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--dtype", default=None, choices=list(_DTYPES), help="default: the checkpoint's")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--access-log", action="store_true", help="log every request")
+    s.add_argument("--tensor-parallel", action="store_true",
+                   help="shard the language model over the ranks of torchrun (torchrun --nproc-per-node N "
+                        "$(which qwen2vl-fast) serve --tensor-parallel ...); rank 0 listens")
+    s.set_defaults(fn=_cmd_serve)
     return p
 
 

@@ -13,6 +13,7 @@ import torch
 
 from .config import ModelConfig
 from .ops import OpTable
+from .parallel import GatheredInput
 from .quant.weight import QuantizedParts
 
 
@@ -29,9 +30,12 @@ class DecoderLayer:
 
 
 class LanguageModel:
-    def __init__(self, cfg: ModelConfig, weights: dict, ops: OpTable):
+    def __init__(self, cfg: ModelConfig, weights: dict, ops: OpTable, tensor_parallel=None):
+        """tensor_parallel: a `parallel.TensorParallel` when `weights` are one rank's shard (cfg is then the
+        rank's config, `TensorParallel.local_config`): the embedding, o_proj, down_proj and the LM head then
+        end in their collective; None: the whole model, no collective."""
         t = cfg.text
-        self.t, self.ops = t, ops
+        self.t, self.ops, self.tp = t, ops, tensor_parallel
         self.embed_w = weights["model.embed_tokens.weight"]
         self.layers = []
         for i in range(t.num_hidden_layers):
@@ -56,6 +60,8 @@ class LanguageModel:
     def _linear(self, x, w, b=None):
         """A dense linear, or a weight-only quantized one (qwen2vl_fast.quant.QuantizedWeight), or QuantizedParts
         (act-order parts with different permutations: one GEMM per part, concatenated along N)."""
+        if isinstance(w, GatheredInput):  # tensor parallel, a quantized row split off the groups (parallel.py)
+            x, w = w.input(x), w.weight
         if isinstance(w, torch.Tensor):
             return self.ops.linear(x, w, b)
         if isinstance(w, QuantizedParts):
@@ -64,7 +70,13 @@ class LanguageModel:
         return self.ops.quant_linear(x, w, b)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:  # vocab-parallel: this rank's rows, summed over the ranks
+            return self.tp.embed(self.ops, input_ids, self.embed_w)
         return self.ops.embedding(input_ids, self.embed_w)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """After a row-parallel linear (o_proj, down_proj): the sum over the ranks; identity without them."""
+        return x if self.tp is None else self.tp.all_reduce(x)
 
     def __call__(self, embeds: torch.Tensor, position_ids: torch.Tensor,
                  attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -122,16 +134,17 @@ class LanguageModel:
             q = q.view(*lead, t.num_attention_heads, t.head_dim)
             k = k.view(*lead, t.num_key_value_heads, t.head_dim)
             v = v.view(*lead, t.num_key_value_heads, t.head_dim)
-            attn = self._linear(attend(i, q, k, v).reshape(*lead, -1), layer.o_w)
+            attn = self._reduce(self._linear(attend(i, q, k, v).reshape(*lead, -1), layer.o_w))
             h, residual = ops.add_rms_norm(attn, residual, layer.post_norm, eps)
             if isinstance(layer.gate_up_w, torch.Tensor):
                 up = ops.linear_swiglu(h, layer.gate_up_w, None)
             else:
                 up = ops.silu_and_mul(self._linear(h, layer.gate_up_w))
-            mlp = self._linear(up, layer.down_w)
+            mlp = self._reduce(self._linear(up, layer.down_w))
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm_w
             h, residual = ops.add_rms_norm(mlp, residual, next_norm, eps)
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._linear(hidden, self.lm_head_w)
+        out = self._linear(hidden, self.lm_head_w)
+        return out if self.tp is None else self.tp.gather_logits(out)  # vocab-parallel: every rank gets all

@@ -96,7 +96,7 @@ def resolve_dtype(dtype, cfg: ModelConfig) -> torch.dtype:
 
 
 def load(path: str | os.PathLike, device="cpu", dtype=None, backend: str = "auto", progress=None,
-         dispatch: str = "measure", dispatch_cache=None) -> "Qwen2VLFastModel":
+         dispatch: str = "measure", dispatch_cache=None, tensor_parallel=False) -> "Qwen2VLFastModel":
     """Load a Qwen2-VL / Qwen2.5-VL checkpoint directory (config.json + safetensors).
 
     device: where the weights go (read straight there); dtype: None/"auto" for the checkpoint's dtype;
@@ -110,33 +110,63 @@ def load(path: str | os.PathLike, device="cpu", dtype=None, backend: str = "auto
     MLP widths that are not multiples of 64 (Qwen2.5-VL's vision 3420) are zero-padded (align.py), which leaves
     the logits unchanged; `model.weights` / `state_dict()` hold the padded runtime tensors, and
     `align.strip_mlp_padding(model.config, model.state_dict())` gives the checkpoint's shapes back.
+    tensor_parallel: True (the default torch.distributed group, initialised by the caller, e.g. under torchrun)
+    or a ProcessGroup shards the language model over the group's ranks, each reading only its slices; every
+    rank must make the same calls and gets the full logits (parallel.py). `model.config.text` is then the
+    rank's share (heads, KV heads, MLP width); `cuda` without an index means the rank's GPU (LOCAL_RANK).
     """
-    device = check_device(device)
-    cfg = load_config(path)
-    dtype = resolve_dtype(dtype, cfg)
-    ops = resolve(backend, device, cfg, dispatch=dispatch, cache_path=dispatch_cache)
+    from . import parallel
+
+    if tensor_parallel is None or tensor_parallel is False:  # the whole model in this process
+        device = check_device(device)
+        cfg = load_config(path)
+        return _load(path, cfg, device, resolve_dtype(dtype, cfg), backend, progress, dispatch, dispatch_cache, None)
+    group, rank, _ = parallel.process_group(tensor_parallel)
+    model = None
+    try:
+        device = check_device(device)
+        cfg = load_config(path)
+        dtype = resolve_dtype(dtype, cfg)
+        tp = parallel.setup(tensor_parallel, cfg, device)  # shardability: the same verdict on every rank
+        device = parallel.rank_device(device, tp)
+        model = _load(path, cfg, device, dtype, backend, progress if rank == 0 else False, dispatch,
+                      dispatch_cache, tp)
+    finally:  # every rank learns whether all loaded, so none is left waiting in a later collective
+        parallel.fail_together(group, model is not None)
+    return model
+
+
+def _load(path, cfg, device, dtype, backend, progress, dispatch, dispatch_cache, tp) -> "Qwen2VLFastModel":
+    run_cfg = cfg if tp is None else tp.local_config(cfg)
+    ops = resolve(backend, device, run_cfg, dispatch=dispatch, cache_path=dispatch_cache)
     vision_dtype = torch.bfloat16 if (dtype == torch.float16 and cfg.model_type == QWEN2_5_VL) else dtype
-    weights = load_checkpoint(path, cfg, device=device, dtype=dtype, progress=progress)
+    weights = load_checkpoint(path, cfg, device=device, dtype=dtype, progress=progress, shard=tp)
+    if tp is not None:
+        tp.wrap_gathered(weights, device)
     if vision_dtype != dtype:
         weights = {k: (w.to(vision_dtype) if k.startswith("visual.") else w) for k, w in weights.items()}
-    pad_mlp_widths(cfg, weights)
-    return Qwen2VLFastModel(cfg, weights, ops)
+    pad_mlp_widths(run_cfg, weights)
+    return Qwen2VLFastModel(run_cfg, weights, ops, tensor_parallel=tp)
 
 
 class Qwen2VLFastModel:
-    def __init__(self, cfg: ModelConfig, weights: dict, ops: OpTable):
+    def __init__(self, cfg: ModelConfig, weights: dict, ops: OpTable, tensor_parallel=None):
         self.config, self.ops, self.weights = cfg, ops, weights
-        self.visual = VisionTower(cfg, weights, ops)
-        self.language_model = LanguageModel(cfg, weights, ops)
+        self.tensor_parallel = tensor_parallel  # parallel.TensorParallel of this rank, or None
+        self.visual = VisionTower(cfg, weights, ops)  # replicated on every rank (parallel.py says why)
+        self.language_model = LanguageModel(cfg, weights, ops, tensor_parallel=tensor_parallel)
         self.device, self.dtype = self.language_model.device, self.language_model.dtype
 
     def __repr__(self) -> str:
-        # the checkpoint's parameter count: the shapes before any load-time padding (align.py)
-        shapes = fused_tensor_shapes(self.config)
+        # the checkpoint's parameter count: the shapes before any load-time padding (align.py), and before any
+        # tensor-parallel split (the whole model's config)
+        tp = self.tensor_parallel
+        shapes = fused_tensor_shapes(self.config if tp is None else tp.cfg)
         n = sum(math.prod(shapes[k]) if k in shapes else w.numel() for k, w in self.weights.items()
                 if k != "lm_head.weight" or not self.config.text.tie_word_embeddings)
+        where = "" if tp is None else f", tensor_parallel=rank {tp.rank} of {tp.size}"
         return (f"Qwen2VLFastModel({self.config.model_type}, {n / 1e9:.2f}B params, dtype={self.dtype}, "
-                f"device={self.device}, backend={self.ops.backend!r})")
+                f"device={self.device}, backend={self.ops.backend!r}{where})")
 
     def state_dict(self) -> dict:
         return dict(self.weights)

@@ -30,8 +30,10 @@ class VisionBlock:
     norm2_w: torch.Tensor
     norm2_b: Optional[torch.Tensor]
     # The MLP's width is the weights' own, never the config's: load() may have zero-padded it (align.py).
-    up_w: torch.Tensor  # fc1 (Qwen2-VL) or fused gate/up (Qwen2.5-VL)
-    up_b: torch.Tensor
+    # fc1 (Qwen2-VL) or fused gate/up (Qwen2.5-VL); or (gate, up) pairs where the weights are kept as two
+    # tensors (hf_patch: a transformers model's own parameters, which a fused copy would duplicate)
+    up_w: torch.Tensor | tuple
+    up_b: torch.Tensor | tuple
     down_w: torch.Tensor  # fc2 or down_proj
     down_b: torch.Tensor
     full_attention: bool
@@ -47,12 +49,17 @@ class VisionTower:
         self.blocks = []
         for i in range(v.depth):
             p = f"visual.blocks.{i}."
+            if self.gated and p + up + ".weight" not in weights:  # unfused gate/up: run them as two GEMMs
+                up_w, up_b = (tuple(weights[p + f"mlp.{n}_proj.{kind}"] for n in ("gate", "up"))
+                              for kind in ("weight", "bias"))
+            else:
+                up_w, up_b = weights[p + up + ".weight"], weights[p + up + ".bias"]
             self.blocks.append(VisionBlock(
                 norm1_w=weights[p + "norm1.weight"], norm1_b=weights.get(p + "norm1.bias"),
                 qkv_w=weights[p + "attn.qkv.weight"], qkv_b=weights[p + "attn.qkv.bias"],
                 proj_w=weights[p + "attn.proj.weight"], proj_b=weights[p + "attn.proj.bias"],
                 norm2_w=weights[p + "norm2.weight"], norm2_b=weights.get(p + "norm2.bias"),
-                up_w=weights[p + up + ".weight"], up_b=weights[p + up + ".bias"],
+                up_w=up_w, up_b=up_b,
                 down_w=weights[p + down + ".weight"], down_b=weights[p + down + ".bias"],
                 full_attention=(not v.uses_windows) or i in v.fullatt_block_indexes,
             ))
@@ -73,13 +80,14 @@ class VisionTower:
             return self.ops.add_rms_norm(x, residual, w, self.v.norm_eps)
         return self.ops.add_layer_norm(x, residual, w, b, self.v.norm_eps)
 
-    def __call__(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
-        """pixel_values (N, C*2*14*14) in the processor's merge-group order -> (N/4, LLM hidden) in the same order."""
+    def __call__(self, pixel_values: torch.Tensor, grid_thw, return_hidden: bool = False) -> torch.Tensor:
+        """pixel_values (N, C*2*14*14) in the processor's merge-group order -> (N/4, LLM hidden) in the same order
+        (`return_hidden`: as `forward`)."""
         meta = vision_metadata(self.cfg, grid_thw, self.device)
         if pixel_values.dim() != 2 or pixel_values.shape != (meta.num_patches, self.v.patch_dim):
             raise InputError(f"pixel values of shape {tuple(pixel_values.shape)} do not match the grids: expected "
                              f"({meta.num_patches}, {self.v.patch_dim}) for grid_thw {_rows(grid_thw)}")
-        return self.forward(self.ops.patch_embed(pixel_values.to(self.device), self.patch_w), meta)
+        return self.forward(self.ops.patch_embed(pixel_values.to(self.device), self.patch_w), meta, return_hidden)
 
     def from_frames(self, frames: list, grid_thw, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
         """Resized uint8 frames (T, 3, h, w), one tensor per image/video in grid order -> merged features.
@@ -104,8 +112,10 @@ class VisionTower:
                                                      v.temporal_patch_size, v.spatial_merge_size))
         return self.forward(torch.cat(parts), meta)
 
-    def forward(self, x: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
-        """x: patch embeddings (N, E) in merge-group order -> merged features (N/4, LLM hidden), same order.
+    def forward(self, x: torch.Tensor, meta: VisionMeta, return_hidden: bool = False) -> torch.Tensor:
+        """x: patch embeddings (N, E) in merge-group order -> merged features (N/4, LLM hidden), same order;
+        with `return_hidden`, (merged features, the last block's output (N, E) in the order the blocks ran: window
+        order for Qwen2.5-VL), which transformers 5 returns as the tower's last_hidden_state.
 
         Per block: h = norm1(x); x += proj(attn(rope(qkv(h)))); h = norm2(x); x += mlp(h), with each residual
         add fused into the following norm (the next block's norm1, or nothing before the merger)."""
@@ -120,7 +130,10 @@ class VisionTower:
             q, k, v = ops.vision_rotary(qkv, meta.cos, meta.sin, self.v.num_heads)
             attn = ops.varlen_attention(q, k, v, segments, self.scale)
             h, x = self._add_norm(ops.linear(attn.reshape(s, e), blk.proj_w, blk.proj_b), x, blk.norm2_w, blk.norm2_b)
-            if self.gated:
+            if isinstance(blk.up_w, tuple):
+                gate, up = (ops.linear(h, w, b) for w, b in zip(blk.up_w, blk.up_b))
+                h = ops.silu_and_mul(torch.cat([gate, up], dim=-1))
+            elif self.gated:
                 h = ops.linear_swiglu(h, blk.up_w, blk.up_b)
             else:
                 h = ops.linear_act(h, blk.up_w, blk.up_b, "quick_gelu")
@@ -129,10 +142,11 @@ class VisionTower:
                 h, x = self._add_norm(down, x, blocks[i + 1].norm1_w, blocks[i + 1].norm1_b)
             else:
                 x = x + down
+        hidden = x
         x = ops.merger(x, self.ln_q_w, self.ln_q_b, self.fc1_w, self.fc1_b, self.fc2_w, self.fc2_b, self.v.norm_eps)
         if meta.reverse_index is not None:
             x = x[meta.reverse_index]
-        return x
+        return (x, hidden) if return_hidden else x
 
 
 def _rows(grid) -> list:

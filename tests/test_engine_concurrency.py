@@ -361,3 +361,28 @@ def test_cuda_graph_continuous_batching_gives_each_request_its_alone_tokens(tiny
     handles = [graphs.submit(chat(i), max_new_tokens=lengths[i], ignore_eos=True) for i in range(20)]
     assert [h.result(timeout=120).token_ids for h in handles] == expected
     assert graphs.graphs is not None and graphs.graphs.graphs
+
+
+def test_close_cancels_a_request_caught_in_its_prefill(tiny_checkpoints, monkeypatch):
+    """close(cancel=True) while a request is between the queue and the running batch (in prefill)."""
+    engine = Engine.from_pretrained(tiny_checkpoints["tiny-qwen2-vl"], dtype=torch.float32, max_batch=2,
+                                    max_len=1024)
+    entered, release = threading.Event(), threading.Event()
+    real = engine.scheduler._prefill_rows
+
+    def slow(group, slots):
+        entered.set()
+        release.wait(10)
+        return real(group, slots)
+
+    monkeypatch.setattr(engine.scheduler, "_prefill_rows", slow)
+    handle = engine.submit(chat(1), max_new_tokens=900, ignore_eos=True)
+    assert entered.wait(10)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    time.sleep(0.05)
+    release.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    c = handle.result(timeout=10)
+    assert c.finish_reason == "cancelled" and len(c.token_ids) < 900

@@ -47,6 +47,7 @@ from .graphs import DecodeGraphs
 from .params import SamplingParams
 from .request import Completion, RequestHandle, Sink, TokenEvent
 from .scheduler import Group, Scheduler
+from .step_sync import StepSync
 from .vision_cache import VisionCache, maybe_keys
 
 STOP_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>: the checkpoints' generation_config eos ids
@@ -79,8 +80,10 @@ class Engine:
         if cuda_graphs and model.device.type == "cuda":
             self.graphs = DecodeGraphs(model.language_model, self.cache)
         self.vision_cache = VisionCache(vision_cache_mb)
+        tp = getattr(model, "tensor_parallel", None)
+        sync = StepSync(tp.group) if tp is not None else None  # ranks run the same steps (step_sync.py)
         self.scheduler = Scheduler(model, self.cache, self.graphs, self.stop_token_ids, self.vision_cache,
-                                   max_queue, decode_text=self._decode if processor is not None else None)
+                                   max_queue, decode_text=self._decode if processor is not None else None, sync=sync)
         self._ids = itertools.count()
         if warmup if warmup is not None else model.device.type == "cuda":
             self.warmup()
@@ -90,12 +93,14 @@ class Engine:
                         max_batch: int = 16, max_len: Optional[int] = None, warmup: Optional[bool] = None,
                         dispatch: str = "measure", dispatch_cache=None, max_pixels: Optional[int] = None,
                         min_pixels: Optional[int] = None, vision_cache_mb: float = 256,
-                        max_queue: int = 256) -> "Engine":
+                        max_queue: int = 256, tensor_parallel=False) -> "Engine":
+        """tensor_parallel: see `qwen2vl_fast.load`; every rank builds the engine and submits the same requests
+        in the same order (the ranks' schedulers then run the same steps, whose collectives pair up)."""
         import qwen2vl_fast
         from ..processing.processor import Processor
 
         model = qwen2vl_fast.load(path, device=device, dtype=dtype, backend=backend, dispatch=dispatch,
-                                  dispatch_cache=dispatch_cache)
+                                  dispatch_cache=dispatch_cache, tensor_parallel=tensor_parallel)
         try:
             processor = Processor.from_pretrained(path)
         except PromptError:  # no tokenizer: the engine still takes processed dicts (texts stay empty)
@@ -169,6 +174,22 @@ class Engine:
         state = self.scheduler.snapshot()
         state["vision_cache"] = self.vision_cache.stats()
         return state
+
+    def follow(self) -> None:
+        """Tensor parallelism, led mode (the server): on ranks > 0, run rank 0's requests until it closes. Rank 0
+        (which takes the requests) must have called `lead()`."""
+        sync = self.scheduler.sync
+        if sync is None or sync.is_leader:
+            raise EngineError("follow() is for tensor-parallel ranks > 0 (rank 0 takes the requests)")
+        sync.ship = True
+        self.scheduler.follow()
+
+    def lead(self) -> None:
+        """Tensor parallelism, led mode: rank 0 ships every admitted request's inputs to the ranks in follow()."""
+        sync = self.scheduler.sync
+        if sync is None or not sync.is_leader:
+            raise EngineError("lead() is for tensor-parallel rank 0")
+        sync.ship = True
 
     def close(self, cancel: bool = True, timeout: Optional[float] = None) -> None:
         """Take no new requests; cancel=True ends the waiting and running ones as "cancelled", cancel=False lets

@@ -14,6 +14,10 @@ batch.
 
 The thread starts at the first submission and ends when nothing is waiting or running (the next submission
 starts a new one): an idle engine holds no thread, and a dropped Engine is collected.
+
+Under tensor parallelism (`sync`, step_sync.py) rank 0's scheduler decides every step boundary's admissions
+(with their slots and sampling seeds) and cancellations and broadcasts them; the other ranks apply them, so all
+ranks run the same steps and their collectives pair up.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ class Group:
     params: object  # SamplingParams
     keys: dict = field(default_factory=dict)  # vision cache content keys
     arrival: float = field(default_factory=time.perf_counter)
+    ordinal: int = -1  # the submission's number on this engine (tensor-parallel ranks match them)
+    seeds: Optional[list] = None  # per row; None: drawn at admission (rank 0's, under tensor parallelism)
+    cpu_inputs: Optional[dict] = None  # what rank 0 ships to led followers
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Sequence:
     arrival: float
     prefill_start: float
     stop_text: Optional[TextStream]  # the engine's own view of the text, for stop strings
+    key: tuple = ()  # (submission ordinal, row): how a tensor-parallel plan names it
     last_token: int = 0
     generated: int = 0
     first_time: float = 0.0
@@ -64,7 +72,7 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, model, cache, graphs, stop_token_ids, vision_cache=None, max_queue: int = 256,
-                 decode_text=None):
+                 decode_text=None, sync=None):
         self.model, self.cache, self.graphs = model, cache, graphs
         self.stop_token_ids = frozenset(stop_token_ids)
         self.vision_cache, self.max_queue, self.decode_text = vision_cache, int(max_queue), decode_text
@@ -76,28 +84,43 @@ class Scheduler:
         self.closed = False
         self.metrics = EngineMetrics()
         self.seen: Optional[torch.Tensor] = None  # (max_batch, vocab) bool: tokens each slot's sequence has seen
+        self.sync = sync  # StepSync under tensor parallelism
+        self.stopped = False  # a led follower's stop plan went out (rank 0) / came in
+        self.cancelling = False  # close(cancel=True): every sequence ends, those in prefill now too
+        self.ordinals = 0
 
     # -- the callers' side ----------------------------------------------------------------------------------
     def submit(self, group: Group) -> None:
         with self.cond:
             if self.closed:
                 raise EngineClosedError("the engine is closed and takes no new requests")
+            group.ordinal, self.ordinals = self.ordinals, self.ordinals + 1
+            if self.sync is not None and not self.sync.is_leader:  # rank 0's plan says when it runs
+                self.sync.register(group.ordinal, group)
+                self._start()
+                return
+            if self.sync is not None and self.sync.ship:
+                group.cpu_inputs = _cpu(group.inputs)
             queued = sum(len(g.handles) for g in self.waiting)
             if queued + len(group.handles) > self.max_queue:
                 self.metrics.outcome("rejected", len(group.handles))
                 raise QueueFullError(f"the engine's queue is full ({queued} sequences waiting, max_queue "
                                      f"{self.max_queue}): retry later")
             self.waiting.append(group)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, name="qwen2vl_fast-engine", daemon=True)
-                self.thread.start()
+            self._start()
             self.cond.notify_all()
+
+    def _start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="qwen2vl_fast-engine", daemon=True)
+            self.thread.start()
 
     def close(self, cancel: bool = True, timeout: Optional[float] = None) -> None:
         """No new requests; cancel=True ends the waiting and running ones as "cancelled", else they finish."""
         with self.cond:
             self.closed = True
             if cancel:
+                self.cancelling = True
                 while self.waiting:
                     self._end_group(self.waiting.popleft(), "cancelled")
                 for seq in self.running:
@@ -105,6 +128,11 @@ class Scheduler:
             thread = self.thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        if self.sync is not None and self.sync.is_leader and self.sync.ship and not self.stopped:
+            with self.cond:  # led followers wait in follow(): tell them to stop (the thread is gone)
+                if self.thread is None:
+                    self.stopped = True
+                    self.sync.exchange({"admit": [], "cancel": [], "idle": True, "stop": True})
 
     def snapshot(self) -> dict:
         with self.cond:
@@ -115,23 +143,71 @@ class Scheduler:
         return state
 
     # -- the engine thread ----------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, follow: bool = False) -> None:
+        """The engine thread (or, follow=True, a led tensor-parallel follower's `Engine.follow()` loop)."""
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    admit = self._take_admissible()
-                    if not admit and not self.running:
+                    admit = self._take_admissible() if self.sync is None or self.sync.is_leader else []
+                    cancel = [s.key for s in self.running if s.handle.cancelled.is_set()]
+                    idle = not admit and not self.running
+                    if idle and self.sync is None:
                         self.thread = None  # idle: the next submission starts a new thread
                         return
+                if self.sync is not None:
+                    admit, cancel, idle, stop = self._synchronise(admit, cancel, idle)
+                    if stop or (idle and not follow):
+                        with self.cond:
+                            if not stop and (self.waiting or self.sync.local):
+                                continue  # a submission arrived during the exchange: it needs this thread
+                            if self.thread is threading.current_thread():
+                                self.thread = None
+                            self.stopped = self.stopped or stop
+                        return
+                    if idle:
+                        continue
                 try:
                     for group, slots in admit:
                         self._prefill(group, slots)
-                    self._drop_cancelled()
+                    self._drop_cancelled(set(cancel))
                     if self.running:
                         self._decode_step()
                 except BaseException as error:  # noqa: BLE001 - a bug must fail its requests, not hang them
                     self._fail_running(error if isinstance(error, Qwen2VLFastError) else
                                        EngineError(f"the engine failed a decode step: {error!r}"))
+
+    def _synchronise(self, admit: list, cancel: list, idle: bool):
+        """Tensor parallelism: rank 0 sends this boundary's plan, the others receive and apply it."""
+        sync = self.sync
+        if sync.is_leader:
+            for group, _ in admit:
+                if group.seeds is None:
+                    group.seeds = [_seed(group.params) for _ in group.handles]
+            plan = {"admit": [(g.ordinal, slots, g.seeds, g.cpu_inputs and (g.cpu_inputs, g.lengths, g.params))
+                              for g, slots in admit],
+                    "cancel": cancel, "idle": idle, "stop": self.closed and idle}
+            sync.exchange(plan)
+            return admit, cancel, idle, plan["stop"]
+        plan = sync.exchange(None)
+        admit = []
+        for ordinal, slots, seeds, payload in plan["admit"]:
+            if payload is not None:  # led: rank 0's request, nobody reads its handles here
+                inputs, lengths, params = payload
+                handles = [RequestHandle(f"tp-{ordinal}-{i}", i, params, self.decode_text or (lambda ids: ""))
+                           for i in range(len(lengths))]
+                group = Group(handles, inputs, lengths, params, ordinal=ordinal)
+            else:
+                group = sync.take(ordinal)
+            group.seeds = seeds
+            with self.cond:
+                for s in slots:
+                    self.free_slots.remove(s)
+            admit.append((group, slots))
+        return admit, plan["cancel"], plan["idle"], plan["stop"]
+
+    def follow(self) -> None:
+        """A led follower's loop: apply rank 0's plans until it closes (run on ranks > 0 beside a server)."""
+        self._loop(follow=True)
 
     def _take_admissible(self) -> list:
         """Pop the waiting groups that fit the free slots, oldest first (no overtaking: a large group waits
@@ -168,10 +244,10 @@ class Scheduler:
         self.metrics.outcome("failed", len(self.running))
         self.running = []
 
-    def _drop_cancelled(self) -> None:
+    def _drop_cancelled(self, keys: set) -> None:
         keep = []
         for seq in self.running:
-            if seq.handle.cancelled.is_set():
+            if seq.key in keys or (self.cancelling and self.sync is None):
                 self._finish(seq, "cancelled", push=True)
             else:
                 keep.append(seq)
@@ -201,9 +277,10 @@ class Scheduler:
             gen = None
             if p.temperature > 0:
                 gen = torch.Generator(device=self.model.device)
-                gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(62))
+                gen.manual_seed(group.seeds[i] if group.seeds is not None else _seed(p))
             stop_text = TextStream(self.decode_text, p.stop) if p.stop and self.decode_text else None
-            seqs.append(Sequence(h, slot, group.lengths[i], deltas[i], gen, group.arrival, start, stop_text))
+            seqs.append(Sequence(h, slot, group.lengths[i], deltas[i], gen, group.arrival, start, stop_text,
+                                 key=(group.ordinal, i)))
         self.running.extend(seqs)
         self._sample_and_emit(seqs, logits)
 
@@ -313,3 +390,11 @@ class Scheduler:
         self.metrics.outcome("cancelled" if reason == "cancelled" else "finished")
         if push:
             seq.handle._push_end(reason)
+
+
+def _seed(params) -> int:
+    return params.seed if params.seed is not None else secrets.randbits(62)
+
+
+def _cpu(inputs: dict) -> dict:
+    return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}

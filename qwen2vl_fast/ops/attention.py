@@ -99,28 +99,38 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Va
 
 @reference("causal_attention")
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask, scale: float):
-    """Causal GQA attention. q (B, L, Hq, D), k/v (B, L, Hkv, D); kv head g serves q heads g*r .. g*r + r-1.
+    """Causal GQA attention. q (B, L, Hq, D), k/v (B, S, Hkv, D) with S >= L: the queries are the last L
+    positions of the keys (S == L: self-attention over the sequence; S > L: new tokens after S - L cached ones);
+    kv head g serves q heads g*r .. g*r + r-1.
 
-    key_padding_mask: (B, L) bool, True for real tokens, or None. Padded query rows (left padding) attend to
-    themselves only, so they stay finite; their outputs are never read.
+    key_padding_mask: (B, S) bool, True for real tokens, or None. A query row that would see no real key (a
+    left-padding row) attends to itself only, so it stays finite; such outputs are never read. (Keys past the
+    real ones, e.g. a StaticCache's empty slots, are simply masked: a row that sees real keys sees only those.)
     """
     b, L = q.shape[:2]
+    S = k.shape[1]
+    off = S - L
+    if off < 0:
+        raise ValueError(f"causal_attention: {L} queries after {S} keys (the queries are the last keys)")
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if key_padding_mask is None:
+    if key_padding_mask is None and off == 0:
         return sdpa_gqa(qt, kt, vt, is_causal=True, scale=scale).transpose(1, 2)
-    # An explicit mask: query blocks [i0, i1) against keys [0, i1) (the causal prefix), so the mask, and the
+    # An explicit mask: query blocks [i0, i1) against keys [0, off + i1) (the causal prefix), so the mask, and the
     # scores where SDPA has no fused kernel for it, take O(L * block) memory instead of O(L^2).
     kt, vt, extra = gqa_kv(qt, kt, vt)  # expand (where needed) once, not per block
     out = torch.empty_like(q)
-    keep = key_padding_mask.bool()
-    block = max(64, MASK_BLOCK_ELEMENTS // max(1, b * L))
-    pos = torch.arange(L, device=q.device)
+    keep = None if key_padding_mask is None else key_padding_mask.bool()
+    block = max(64, MASK_BLOCK_ELEMENTS // max(1, b * S))
+    pos = torch.arange(S, device=q.device)
     for i0 in range(0, L, block):
         i1 = min(L, i0 + block)
-        rows, cols = pos[i0:i1, None], pos[None, :i1]
-        mask = ((cols <= rows)[None] & keep[:, None, :i1]) | (cols == rows)[None]
-        o = F.scaled_dot_product_attention(qt[:, :, i0:i1], kt[:, :, :i1], vt[:, :, :i1], attn_mask=mask[:, None],
-                                           scale=scale, **extra)
+        rows, cols = pos[off + i0:off + i1, None], pos[None, :off + i1]
+        mask = (cols <= rows)[None]
+        if keep is not None:
+            mask = mask & keep[:, None, :off + i1]
+            mask = mask | ((cols == rows)[None] & ~mask.any(-1, keepdim=True))
+        o = F.scaled_dot_product_attention(qt[:, :, i0:i1], kt[:, :, :off + i1], vt[:, :, :off + i1],
+                                           attn_mask=mask[:, None], scale=scale, **extra)
         out[:, i0:i1] = o.transpose(1, 2)
     return out
 

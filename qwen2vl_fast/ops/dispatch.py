@@ -123,7 +123,9 @@ class Dispatch:
         return time_call(fn, args, self.device, MUTATED_ARGS.get(op, ()))
 
     def can_measure(self) -> bool:
-        if self.mode != "measure":
+        # Never inside a torch.compile trace (transformers' compiled static-cache decode step under hf_patch): the
+        # trace takes the shape's known winner or the default.
+        if self.mode != "measure" or torch.compiler.is_compiling():
             return False
         return not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 

@@ -56,7 +56,8 @@ def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_sect
 def _section_axes(section: tuple, device: str) -> torch.Tensor:
     """Which M-RoPE axis (0 = T, 1 = H, 2 = W) each frequency uses; cached so a CUDA-graph capture never copies
     it from the host."""
-    return torch.repeat_interleave(torch.arange(3), torch.tensor(section)).to(device)
+    # From a host list, not repeat_interleave: its output size is data-dependent, which torch.compile cannot trace.
+    return torch.tensor([axis for axis, n in enumerate(section) for _ in range(n)], dtype=torch.int64, device=device)
 
 
 @reference("apply_rotary")
