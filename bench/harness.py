@@ -452,4 +452,16 @@ def fast_impls(op_name, device):
             continue
         if table.chosen[op_name] == backend:
             out[f"ours-{backend}"] = getattr(table, op_name)
+    # the registry's extra candidates that `auto` races on this device (e.g. the split-K decode GEMV, the
+    # Marlin-class int4/int8 decode kernel): timed by name too, so a benchmark shows each one against cuBLAS
+    from qwen2vl_fast.ops.registry import get_op
+
+    try:
+        op = get_op(op_name)
+    except Exception:
+        return out
+    dev = torch.device(device)
+    for label, (fn, ok) in op.variants.items():
+        if ok(dev, False) and f"ours-{label}" not in out:
+            out[f"ours-{label}"] = fn
     return out

@@ -66,6 +66,16 @@ int qwen2vl_quant_gemm_decode(const void* x, int64_t x_stride, const int32_t* qw
                               int32_t* counters, int64_t counters_len, int64_t M, int64_t N, int64_t K, int bits,
                               int64_t group_size, int dtype_code, cudaStream_t stream);
 
+// The same GEMM with a Marlin-class inner loop (csrc/quant_decode_marlin.cu): a second candidate of the measured
+// dispatch, same contract, arguments and workspace rule as the two above (its own plan: query its own workspace),
+// except that x and its row stride must be 16-byte aligned for int8 too.
+int qwen2vl_quant_marlin_workspace(int64_t M, int64_t N, int64_t K, int bits, int64_t group_size, int dtype_code,
+                                   int64_t* scratch_floats, int64_t* counters);
+int qwen2vl_quant_gemm_marlin(const void* x, int64_t x_stride, const int32_t* qweight, const void* scales,
+                              const void* zeros, const void* bias, void* y, float* scratch, int64_t scratch_floats,
+                              int32_t* counters, int64_t counters_len, int64_t M, int64_t N, int64_t K, int bits,
+                              int64_t group_size, int dtype_code, cudaStream_t stream);
+
 }  // namespace qwen2vl_fast
 
 #if defined(__CUDACC__)

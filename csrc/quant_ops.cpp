@@ -1,4 +1,5 @@
-// Torch binding of the weight-only decode GEMM (quant_decode_gemm.cu): quant_gemm_decode.
+// Torch binding of the weight-only decode GEMMs: quant_gemm_decode (quant_decode_gemm.cu) and
+// quant_gemm_decode_marlin (quant_decode_marlin.cu, same schema and checks).
 //
 // Every Torch-side check lives here (device, dtype, layout, shapes); a launcher's Status becomes a TORCH_CHECK
 // message. The kernel runs on the current stream (CUDA-graph capture included); its split-K partials come from
@@ -56,9 +57,15 @@ std::array<int64_t, 3> check_quant_decode(const at::Tensor& x, const at::Tensor&
   return {m, n, k};
 }
 
-at::Tensor quant_gemm_decode_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                                  const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
-                                  int64_t group_size, at::Tensor& counters) {
+using WorkspaceFn = int (*)(int64_t, int64_t, int64_t, int, int64_t, int, int64_t*, int64_t*);
+using LaunchFn = int (*)(const void*, int64_t, const int32_t*, const void*, const void*, const void*, void*, float*,
+                         int64_t, int32_t*, int64_t, int64_t, int64_t, int64_t, int, int64_t, int, cudaStream_t);
+
+// The CUDA kernel of both decode GEMMs (quant_gemm_decode, quant_gemm_decode_marlin): every check before any
+// data access, then the kernel's workspace query and launch.
+at::Tensor run_decode(WorkspaceFn workspace, LaunchFn launch, const at::Tensor& x, const at::Tensor& qweight,
+                      const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
+                      int64_t bits, int64_t group_size, at::Tensor& counters) {
   TORCH_CHECK(x.is_cuda(), "quant_gemm_decode: x must be a CUDA tensor, got ", x.device());
   for (const at::Tensor* t : {&qweight, &scales, &zeros, static_cast<const at::Tensor*>(&counters)})
     TORCH_CHECK(t->device() == x.device(), "quant_gemm_decode: every tensor must be on ", x.device(), ", got ",
@@ -72,7 +79,7 @@ at::Tensor quant_gemm_decode_cuda(const at::Tensor& x, const at::Tensor& qweight
   const c10::DeviceGuard guard(x.device());
   const int code = dtype_code(x.scalar_type(), "x");
   int64_t floats = 0, tiles = 0;
-  int status = qwen2vl_quant_decode_workspace(m, n, k, static_cast<int>(bits), group_size, code, &floats, &tiles);
+  int status = workspace(m, n, k, static_cast<int>(bits), group_size, code, &floats, &tiles);
   TORCH_CHECK(status == kOk, "quant_gemm_decode: ", status_message(status), " while planning (M ", m, ", N ", n,
               ", K ", k, ")");
   TORCH_CHECK(counters.numel() >= tiles, "quant_gemm_decode: the counters buffer holds ", counters.numel(),
@@ -80,7 +87,7 @@ at::Tensor quant_gemm_decode_cuda(const at::Tensor& x, const at::Tensor& qweight
   at::Tensor scratch;
   if (floats > 0) scratch = at::empty({floats}, x.options().dtype(at::kFloat));
   const int64_t x_stride = m > 1 ? x.stride(0) : k;  // one row: its stride is never used
-  status = qwen2vl_quant_gemm_decode(
+  status = launch(
       x.data_ptr(), x_stride, qweight.data_ptr<int32_t>(), scales.data_ptr(), zeros.data_ptr(),
       bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), floats > 0 ? scratch.data_ptr<float>() : nullptr,
       floats, counters.data_ptr<int32_t>(), counters.numel(), m, n, k, static_cast<int>(bits), group_size, code,
@@ -88,6 +95,21 @@ at::Tensor quant_gemm_decode_cuda(const at::Tensor& x, const at::Tensor& qweight
   TORCH_CHECK(status == kOk, "quant_gemm_decode: ", status_message(status), " (x ", x.sizes(), " strides ",
               x.strides(), " ", x.scalar_type(), ", N ", n, ", ", bits, " bits, group ", group_size, ")");
   return y;
+}
+
+at::Tensor quant_gemm_decode_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                  const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
+                                  int64_t group_size, at::Tensor& counters) {
+  return run_decode(&qwen2vl_quant_decode_workspace, &qwen2vl_quant_gemm_decode, x, qweight, scales, zeros, bias,
+                    bits, group_size, counters);
+}
+
+// csrc/quant_decode_marlin.cu: the same op with the Marlin-class inner loop (a candidate of the measured dispatch).
+at::Tensor quant_gemm_decode_marlin_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                         const at::Tensor& zeros, const std::optional<at::Tensor>& bias, int64_t bits,
+                                         int64_t group_size, at::Tensor& counters) {
+  return run_decode(&qwen2vl_quant_marlin_workspace, &qwen2vl_quant_gemm_marlin, x, qweight, scales, zeros, bias,
+                    bits, group_size, counters);
 }
 
 at::Tensor quant_gemm_decode_meta(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -105,8 +127,16 @@ at::Tensor quant_gemm_decode_meta(const at::Tensor& x, const at::Tensor& qweight
 TORCH_LIBRARY_FRAGMENT(qwen2vl_fast, m) {
   m.def("quant_gemm_decode(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int bits, "
         "int group_size, Tensor(a!) counters) -> Tensor");
+  m.def("quant_gemm_decode_marlin(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int bits, "
+        "int group_size, Tensor(a!) counters) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(qwen2vl_fast, CUDA, m) { m.impl("quant_gemm_decode", &qwen2vl_fast::quant_gemm_decode_cuda); }
+TORCH_LIBRARY_IMPL(qwen2vl_fast, CUDA, m) {
+  m.impl("quant_gemm_decode", &qwen2vl_fast::quant_gemm_decode_cuda);
+  m.impl("quant_gemm_decode_marlin", &qwen2vl_fast::quant_gemm_decode_marlin_cuda);
+}
 
-TORCH_LIBRARY_IMPL(qwen2vl_fast, Meta, m) { m.impl("quant_gemm_decode", &qwen2vl_fast::quant_gemm_decode_meta); }
+TORCH_LIBRARY_IMPL(qwen2vl_fast, Meta, m) {
+  m.impl("quant_gemm_decode", &qwen2vl_fast::quant_gemm_decode_meta);
+  m.impl("quant_gemm_decode_marlin", &qwen2vl_fast::quant_gemm_decode_meta);
+}

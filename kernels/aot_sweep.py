@@ -56,6 +56,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # 4096 (large prefill).
 GEMM_ROWS = (1, 16, 32, 64, 256, 4096)
 QUANT_ROWS = (1, 16, 32, 64, 4096)  # the quantized GEMM has no separate mid-size tile
+GEMV_ROWS = (1, 2, 4, 8, 16)  # the engine's CUDA-graph buckets up to 16: the split-K plan depends on M
 QUANT_PRESETS = ("qwen2-vl-7b", "qwen2-vl-72b")  # the 7B and 72B LLMs (the 2.5 models share their LLM shapes)
 QUANT_FORMATS = ((4, 128), (4, -1), (8, 128), (8, -1))  # (bits, group size): grouped and per-channel
 DECODE_BATCHES = (1, 4, 16)  # CUDA-graph buckets of the default engine (max_batch 16) giving distinct splits
@@ -333,11 +334,34 @@ def quant_gemm_workloads(label, cfg, dtype) -> Iterator[Workload]:
                                run)
 
 
+def _gemv_splitk(rows, n, k, dtype, epilogue, bias, reduce="kernel"):
+    from . import gemv_splitk
+
+    def run():
+        w_rows = 2 * n if epilogue == "swiglu" else n
+        gemv_splitk.gemv_splitk(_empty(rows, k, dtype=dtype), _empty(w_rows, k, dtype=dtype),
+                                _empty(w_rows, dtype=dtype) if bias else None, epilogue, reduce=reduce)
+    return run
+
+
+def gemv_splitk_workloads(label, cfg, dtype) -> Iterator[Workload]:
+    """The split-K decode GEMV (a candidate of linear / linear_swiglu at M <= 16) at every decoder linear and the
+    LM head, for every CUDA-graph batch bucket up to 16 (the split plan depends on M); the two-pass reduction
+    (the fallback) at M = 1 and 16."""
+    for what, n, k, epilogue, bias in _llm_linears(cfg.text):
+        for rows in GEMV_ROWS:
+            yield Workload("gemv_splitk", f"{label(dtype)} {what} {epilogue} M={rows} N={n} K={k}",
+                           _gemv_splitk(rows, n, k, dtype, epilogue, bias))
+        for rows in (1, 16):
+            yield Workload("gemv_splitk", f"{label(dtype)} {what} {epilogue} M={rows} N={n} K={k} reduce=pass",
+                           _gemv_splitk(rows, n, k, dtype, epilogue, bias, "pass"))
+
+
 FAMILIES = {
     "gemm": gemm_workloads, "patch_embed": patch_embed_workloads, "norms": norm_workloads,
     "activations": activation_workloads, "rotary": rotary_workloads, "mrope": mrope_workloads,
     "varlen_attention": varlen_attention_workloads, "llm_attention": llm_attention_workloads,
-    "quant_gemm": quant_gemm_workloads,
+    "quant_gemm": quant_gemm_workloads, "gemv_splitk": gemv_splitk_workloads,
 }
 
 

@@ -90,6 +90,14 @@ int qwen2vl_quant_gemm_decode(const void*, int64_t, const int32_t*, const void*,
                               cudaStream_t) {
   return kLaunchFailed;
 }
+int qwen2vl_quant_marlin_workspace(int64_t, int64_t, int64_t, int, int64_t, int, int64_t*, int64_t*) {
+  return kLaunchFailed;
+}
+int qwen2vl_quant_gemm_marlin(const void*, int64_t, const int32_t*, const void*, const void*, const void*, void*,
+                              float*, int64_t, int32_t*, int64_t, int64_t, int64_t, int64_t, int, int64_t, int,
+                              cudaStream_t) {
+  return kLaunchFailed;
+}
 }  // namespace qwen2vl_fast
 """
 

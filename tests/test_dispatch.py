@@ -121,15 +121,36 @@ def test_measure_once_per_shape_then_run_the_winner(tmp_path, monkeypatch):
     y = table.linear(x, w, b)
     torch.testing.assert_close(y, x @ w.T, atol=1e-4, rtol=1e-4)
     assert sorted(timer.calls) == [("linear", "torch"), ("linear", "triton")]
-    assert ran == ["triton"]  # the winner computes the result (the timer here never ran anything)
+    # each candidate once for the agreement check (the reference first), then the winner computes the result
+    # (the timer here never ran anything)
+    assert ran == ["torch", "triton", "triton"]
     table.linear(*linear_args(7))  # same bucket: no new measurement
-    assert len(timer.calls) == 2 and ran == ["triton", "triton"]
+    assert len(timer.calls) == 2 and ran == ["torch", "triton", "triton", "triton"]
     table.linear(*linear_args(40))  # a new bucket is measured
     assert len(timer.calls) == 4
     report = table.dispatch_report()
     assert [(r[0], r[1], r[2]) for r in report] == [("linear", "float32 M64 N32 K64", "triton"),
                                                   ("linear", "float32 M8 N32 K64", "triton")]
     assert report[0][3] == {"torch": 2e6, "triton": 1e6}  # microseconds
+
+
+def test_a_candidate_that_disagrees_with_the_reference_never_wins(tmp_path, caplog):
+    """The fastest candidate computes garbage (as a kernel miscompiled for a new GPU might): it is refused at
+    measurement, with one warning naming it, and the reference runs."""
+    timer = Timings()  # triton is the faster one
+    table = table_with(tmp_path, timer)
+    op = table.measured["linear"]
+    op.fns["triton"] = lambda x, w, b=None: (x @ w.T) * 1.5
+    x, w, b = linear_args(5)
+    with caplog.at_level("WARNING", logger="qwen2vl_fast.dispatch"):
+        y = table.linear(x, w, b)
+    torch.testing.assert_close(y, x @ w.T)
+    assert table.dispatch_report()[0][2] == "torch"
+    assert ("linear", "triton") not in timer.calls
+    assert any("'triton' disagrees with the PyTorch reference" in r.message for r in caplog.records)
+    # and a NaN where the reference is finite
+    op.fns["triton"] = lambda x, w, b=None: torch.full_like(x @ w.T, float("nan"))
+    assert op.dispatch.measure(op, "probe", (x, w, b)) == "torch"
 
 
 def test_per_shape_winners_differ(tmp_path):

@@ -8,6 +8,9 @@ only when an op first runs on a CUDA device (`cuda_ext_runs_on`), so CPU install
   weight dtype, then one cuBLAS GEMM (F.linear); the (N, 1176) float32 rows are never materialised.
 - quant_linear -> `quant_gemm_decode` (csrc/quant_decode_gemm.cu) in the decode regime (<= DECODE_MAX_ROWS
   rows), the Triton weight-only GEMM (kernels/quant_gemm.py) above it: dispatch by M.
+  Variant "cuda-marlin" (raced by `auto` only, never forced): `quant_gemm_decode_marlin`
+  (csrc/quant_decode_marlin.cu, cp.async pipeline, scales hoisted per group) in the same regime, the same
+  fallbacks elsewhere.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from ..errors import BackendError
 from ..layout import fused_tensor_shapes
 from ..quant.config import QuantConfig
-from .registry import cuda_ext_runs_on, implementation
+from .registry import cuda_ext_runs_on, implementation, variant
 
 _ROTARY_HEAD_DIMS = (64, 80, 128)  # the instances compiled in csrc/rotary_2d.cu
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -110,13 +113,20 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
-def decode_gemm(x2: torch.Tensor, w, bias=None) -> torch.Tensor:
-    """(M <= 16, K) activation rows in the weight's input order -> (M, N), csrc/quant_decode_gemm.cu. The split-K
-    counters are shared by every launch on the device: launches must not run concurrently on two streams."""
+def decode_gemm(x2: torch.Tensor, w, bias=None, kernel: str = "quant_gemm_decode") -> torch.Tensor:
+    """(M <= 16, K) activation rows in the weight's input order -> (M, N), csrc/quant_decode_gemm.cu (`kernel`
+    "quant_gemm_decode_marlin": csrc/quant_decode_marlin.cu, same contract). The split-K counters are shared by
+    every launch on the device (both kernels leave them zeroed): launches must not run concurrently on two
+    streams."""
     if x2.data_ptr() % 16 or (x2.shape[0] > 1 and (x2.stride(0) * x2.element_size()) % 16):
         x2 = x2.clone()  # 16-byte activation loads (e.g. a view at an odd offset)
     counters = _counters(x2.device, -(-w.out_features // 64))
-    return _ops().quant_gemm_decode(x2, w.qweight, w.scales, w.zeros, bias, w.bits, w.group_size, counters)
+    return getattr(_ops(), kernel)(x2, w.qweight, w.scales, w.zeros, bias, w.bits, w.group_size, counters)
+
+
+def decode_gemm_marlin(x2: torch.Tensor, w, bias=None) -> torch.Tensor:
+    """decode_gemm with the Marlin-class kernel (csrc/quant_decode_marlin.cu)."""
+    return decode_gemm(x2, w, bias, kernel="quant_gemm_decode_marlin")
 
 
 @implementation("quant_linear", "cuda", runs_on=cuda_ext_runs_on, supports=decode_kernel_supports)
@@ -124,6 +134,11 @@ def quant_linear_cuda(x: torch.Tensor, w, bias=None) -> torch.Tensor:
     """y = x @ dequantize(w).T + b: the CUDA decode kernel for <= DECODE_MAX_ROWS rows of fp16/bf16 (the decode
     steps), the Triton kernel for more rows (prefill) and for fp32 activations (parity runs), both with fused
     dequantisation. Act-order weights: x's columns are permuted first, as the Triton launcher does."""
+    return _quant_linear(x, w, bias, lambda x2, w, b: decode_gemm(x2, w, b))
+
+
+def _quant_linear(x: torch.Tensor, w, bias, decode) -> torch.Tensor:
+    """quant_linear_cuda's routing with `decode(x2, w, bias)` as the decode-regime kernel."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if rows > DECODE_MAX_ROWS or rows == 0 or not decode_kernel_handles(w, x.dtype):
@@ -135,4 +150,12 @@ def quant_linear_cuda(x: torch.Tensor, w, bias=None) -> torch.Tensor:
     lead, x2 = as_rows(x, k, w.perm)
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
-    return decode_gemm(x2, w, bias).reshape(*lead, w.out_features)
+    return decode(x2, w, bias).reshape(*lead, w.out_features)
+
+
+@variant("quant_linear", "cuda-marlin", runs_on=cuda_ext_runs_on, auto_on=cuda_ext_runs_on)
+def quant_linear_cuda_marlin(x: torch.Tensor, w, bias=None) -> torch.Tensor:
+    """quant_linear_cuda with the Marlin-class decode kernel (csrc/quant_decode_marlin.cu) for the decode rows:
+    a candidate `auto` races against the register-direct kernel, Triton and the reference, per shape. Shapes
+    the decode kernels do not take go where quant_linear_cuda sends them (Triton)."""
+    return _quant_linear(x, w, bias, lambda x2, w, b: decode_gemm_marlin(x2, w, b))

@@ -16,6 +16,10 @@ this shape on this device*, as measured here, never a choice made by assumption.
   ignores the cache.
 - Ties go to the default: a candidate must be more than `TIE` faster to replace it, so timing noise does not
   flip a choice between two equal implementations.
+- **Checked before timed**: each candidate's result on the call's own arguments is compared with the PyTorch
+  reference's (relative Frobenius error within `AGREE[dtype]`, no non-finite value where the reference has
+  none). A candidate that disagrees cannot win, whatever its speed, and one warning names it: a kernel that has
+  never run on this GPU (a new architecture, a compiler change) is verified where it runs before it is used.
 
 The choice is never hidden: `OpTable.dispatch_report()` and `qwen2vl-fast ops` list every measured shape
 with the winner and every candidate's time.
@@ -24,11 +28,12 @@ with the winner and every candidate's time.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Callable, Optional
 
 import torch
 
-from .timing import time_call
+from .timing import _fresh_args, time_call
 from .tuning_cache import TuningCache, fingerprint
 
 MODES = ("measure", "cached", "default")
@@ -37,6 +42,10 @@ TIE = 0.02  # a challenger must beat the default by more than 2% (timing noise o
 # Arguments an implementation writes in place and that must be fresh for every timed repetition. Ops that write
 # the KV cache write the same values at the same slots every time (idempotent) and need no copy.
 MUTATED_ARGS = {"vision_rotary": (0,)}
+# How far a candidate's floating-point result may be from the reference's (||a - ref|| / ||ref||): different
+# accumulation orders (split-K, tensor cores, TF32 for fp32 GEMMs) stay well inside; a wrong kernel is O(1) off.
+AGREE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+log = logging.getLogger("qwen2vl_fast.dispatch")
 
 
 def bucket(n: int) -> int:
@@ -133,8 +142,26 @@ class Dispatch:
         """Time every candidate of `op` on `args`; record and return the winner. A candidate that raises on these
         arguments cannot win; if the default raises, its error is the call's error (e.g. a bad input)."""
         times = {}
+        mutated = MUTATED_ARGS.get(op.name, ())
+        reference = op.fns.get("torch")
+        expected = None
+        if reference is not None:
+            try:
+                expected = _floats(reference(*_fresh_args(args, mutated)))
+            except Exception:  # the reference's own error surfaces below if it is the default
+                expected = None
         for backend, fn in op.fns.items():
             try:
+                if expected and fn is not reference:
+                    why = _disagreement(_floats(fn(*_fresh_args(args, mutated))), expected)
+                    if why is not None:
+                        if backend == op.default:
+                            raise RuntimeError(f"{op.name}: the default {backend!r} disagrees with the reference "
+                                               f"at {key} ({why})")
+                        log.warning("%s: candidate %r disagrees with the PyTorch reference at %s (%s); it is not "
+                                    "used for this shape", op.name, backend, key, why)
+                        times[backend] = None
+                        continue
                 times[backend] = float(self.timer(op.name, backend, fn, args))
             except Exception:
                 if backend == op.default:
@@ -152,6 +179,31 @@ class Dispatch:
             for key, rec in sorted(self.cache.entries.get(name, {}).items()):
                 rows.append((name, key, rec["winner"], dict(rec.get("times_us", {}))))
         return rows
+
+
+def _floats(out) -> list:
+    """The floating-point tensors of an op's result (a tensor or a tuple/list of them), flattened."""
+    items = out if isinstance(out, (tuple, list)) else (out,)
+    return [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _disagreement(got: list, expected: list) -> Optional[str]:
+    """None if `got` matches `expected` within AGREE, else what differs."""
+    if len(got) != len(expected):
+        return f"{len(got)} outputs, the reference has {len(expected)}"
+    for i, (a, ref) in enumerate(zip(got, expected)):
+        if a.shape != ref.shape:
+            return f"output {i} shape {tuple(a.shape)}, the reference's {tuple(ref.shape)}"
+        a32, r32 = a.float(), ref.float()
+        finite = torch.isfinite(r32)
+        if bool((~torch.isfinite(a32) & finite).any()):
+            return f"output {i} has non-finite values where the reference has none"
+        a32, r32 = torch.where(finite, a32, 0), torch.where(finite, r32, 0)
+        err = float((a32 - r32).norm() / r32.norm().clamp_min(1e-30))
+        tol = AGREE.get(ref.dtype, 4e-2)
+        if err > tol:
+            return f"output {i} relative error {err:.2e} > {tol:.0e}"
+    return None
 
 
 def choose(times: dict, default: str) -> str:
