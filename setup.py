@@ -180,7 +180,8 @@ if __name__ == "__main__":
         # `kernels` must never be importable at the top level: a PyPI package of that name exists and
         # transformers imports it when found. It installs as the subpackage qwen2vl_fast.kernels.
         packages=["qwen2vl_fast", "qwen2vl_fast.engine", "qwen2vl_fast.ops", "qwen2vl_fast.processing",
-                  "qwen2vl_fast.quant", "qwen2vl_fast.server", "qwen2vl_fast.testing", "qwen2vl_fast.kernels"],
+                  "qwen2vl_fast.quant", "qwen2vl_fast.server", "qwen2vl_fast.hf_patch", "qwen2vl_fast.testing",
+                  "qwen2vl_fast.kernels"],
         package_dir={"qwen2vl_fast.kernels": "kernels"},
         install_requires=["torch>=2.4", "safetensors>=0.4", "numpy", "tokenizers>=0.19", "tqdm", "pillow", "av"],
         extras_require=EXTRAS,

@@ -185,3 +185,16 @@ def test_triton_kernels_import_without_the_extension():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert {"gemm", "quant_gemm", "varlen_attention"} <= set(json.loads(run.stdout.splitlines()[-1]))
+
+
+def test_setup_lists_every_subpackage():
+    """setup.py names its packages explicitly (kernels/ installs as qwen2vl_fast.kernels): a new subpackage
+    missing from the list would be absent from a wheel, though an editable install still finds it."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "setup.py").read_text()
+    listed = set(re.findall(r'"(qwen2vl_fast(?:\.\w+)*)"', text.split("packages=", 1)[1].split("]", 1)[0]))
+    found = {"qwen2vl_fast." + p.parent.name for p in (root / "qwen2vl_fast").glob("*/__init__.py")}
+    assert found | {"qwen2vl_fast", "qwen2vl_fast.kernels"} <= listed, sorted(found - listed)
