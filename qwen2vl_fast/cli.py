@@ -344,8 +344,13 @@ def _cmd_serve(args) -> int:
         from .parallel import init_from_env
 
         if init_from_env(device)[0] != 0:
-            Engine.from_pretrained(args.model, device=device, dtype=_DTYPES[args.dtype] if args.dtype else None,
-                                   max_batch=args.max_batch, tensor_parallel=True, **options).follow()
+            import torch.distributed as dist
+
+            try:
+                Engine.from_pretrained(args.model, device=device, dtype=_DTYPES[args.dtype] if args.dtype else None,
+                                       max_batch=args.max_batch, tensor_parallel=True, **options).follow()
+            finally:  # an initialised group torn down at interpreter exit can abort the process (gloo's threads)
+                dist.destroy_process_group()
             return 0
     try:
         sock = _listen_socket(args.host, args.port)
