@@ -381,9 +381,14 @@ def _run(coro):
 
 
 def run_engine_target(engine, specs, args, budget) -> list:
+    return _run(_load_runs(specs, functools.partial(engine_request, engine), args, budget))
+
+
+async def _load_runs(specs, send, args, budget) -> list:
+    """Both targets: a warm-up (one prompt per image size, other pictures), then each request rate in turn."""
     warm = warmup_prompts(specs, args.seed, args.max_batch)
     t0 = time.perf_counter()
-    warm_out, _, _ = _run(run_load(warm, functools.partial(engine_request, engine), math.inf, args.seed))
+    warm_out, _, _ = await run_load(warm, send, math.inf, args.seed)
     warm_s = time.perf_counter() - t0
     _warn_warmup(warm_out)
     runs = []
@@ -391,8 +396,7 @@ def run_engine_target(engine, specs, args, budget) -> list:
         if budget.exhausted():
             runs.append(dict(request_rate=rate, skipped="time budget"))
             continue
-        outcomes, duration, _ = _run(run_load(specs, functools.partial(engine_request, engine), rate, args.seed,
-                                              args.burstiness, args.max_concurrency))
+        outcomes, duration, _ = await run_load(specs, send, rate, args.seed, args.burstiness, args.max_concurrency)
         runs.append(dict(request_rate=rate, warmup_s=warm_s, **summarize(outcomes, duration),
                          requests=[_request_row(r, s) for r, s in zip(outcomes, specs)]))
     return runs
@@ -412,21 +416,7 @@ async def _http_runs(specs, args, base_url, budget) -> tuple:
             model = resp.json()["data"][0]["id"]
         url = base_url + "/v1/chat/completions"
         send = functools.partial(http_request, client, url, model, ignore_eos=args.ignore_eos, headers=headers)
-        warm = warmup_prompts(specs, args.seed, args.max_batch)
-        t0 = time.perf_counter()
-        warm_out, _, _ = await run_load(warm, send, math.inf, args.seed)
-        warm_s = time.perf_counter() - t0
-        _warn_warmup(warm_out)
-        runs = []
-        for rate in args.request_rate:
-            if budget.exhausted():
-                runs.append(dict(request_rate=rate, skipped="time budget"))
-                continue
-            outcomes, duration, _ = await run_load(specs, send, rate, args.seed, args.burstiness,
-                                                   args.max_concurrency)
-            runs.append(dict(request_rate=rate, warmup_s=warm_s, **summarize(outcomes, duration),
-                             requests=[_request_row(r, s) for r, s in zip(outcomes, specs)]))
-        return runs, model
+        return await _load_runs(specs, send, args, budget), model
 
 
 def _warn_warmup(outcomes: list) -> None:

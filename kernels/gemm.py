@@ -231,10 +231,9 @@ def as_rows(x: torch.Tensor, K: int, perm: Optional[torch.Tensor] = None):
     return x.shape[:-1], x2
 
 
-def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, epilogue: str = "none",
-         config: Optional[GemmConfig] = None) -> torch.Tensor:
-    """The launcher: epilogue(x @ weight.T + bias) in x's dtype, see the module docstring. `config` overrides
-    the table (tests use it to force many small tiles)."""
+def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], epilogue: str):
+    """(epilogue code, N, K) of `epilogue(x @ weight.T + bias)`, or the error saying what does not fit (shared by
+    the GEMM launchers: this one and the split-K decode GEMV)."""
     act = EPILOGUES.get(epilogue)
     if act is None:
         raise ValueError(f"epilogue must be one of {tuple(EPILOGUES)}, got {epilogue!r}")
@@ -248,9 +247,16 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     n_rows, K = weight.shape
     if act == SWIGLU and n_rows % 2:
         raise ValueError(f"swiglu needs a stacked [gate; up] weight with an even row count, got {n_rows}")
-    N = n_rows // 2 if act == SWIGLU else n_rows
     if bias is not None and bias.shape != (n_rows,):
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not match weight rows {n_rows}")
+    return act, (n_rows // 2 if act == SWIGLU else n_rows), K
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, epilogue: str = "none",
+         config: Optional[GemmConfig] = None) -> torch.Tensor:
+    """The launcher: epilogue(x @ weight.T + bias) in x's dtype, see the module docstring. `config` overrides
+    the table (tests use it to force many small tiles)."""
+    act, N, K = check_linear_args(x, weight, bias, epilogue)
 
     lead, x2 = as_rows(x, K)
     if weight.stride(-1) != 1:

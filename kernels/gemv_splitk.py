@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import EPILOGUES, SWIGLU, _epilogue, _num_sms, _stride_align, as_rows
+from .gemm import SWIGLU, _epilogue, _num_sms, _stride_align, as_rows, check_linear_args
 
 _empty = torch.empty  # output / partial-sum allocation; the tests swap in a NaN-filled allocator
 
@@ -352,24 +352,9 @@ def gemv_splitk(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """The launcher: epilogue(x @ weight.T + bias) in x's dtype for M <= 16 rows (see the module docstring).
     `config` overrides the table (tests force tiles and split counts), `sms` the SM count of the plan (default:
     the device's; 132 on the CPU), `reduce` "kernel" (last CTA of a tile) or "pass" (a second kernel)."""
-    act = EPILOGUES.get(epilogue)
-    if act is None:
-        raise ValueError(f"epilogue must be one of {tuple(EPILOGUES)}, got {epilogue!r}")
     if reduce not in ("kernel", "pass"):
         raise ValueError(f"reduce must be 'kernel' or 'pass', got {reduce!r}")
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match: need (..., K) and (N, K)")
-    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}, "
-                        f"{None if bias is None else bias.dtype}")
-    if x.device != weight.device or (bias is not None and bias.device != x.device):
-        raise ValueError("x, weight and bias must be on the same device")
-    n_rows, K = weight.shape
-    if act == SWIGLU and n_rows % 2:
-        raise ValueError(f"swiglu needs a stacked [gate; up] weight with an even row count, got {n_rows}")
-    N = n_rows // 2 if act == SWIGLU else n_rows
-    if bias is not None and bias.shape != (n_rows,):
-        raise ValueError(f"bias of shape {tuple(bias.shape)} does not match weight rows {n_rows}")
+    act, N, K = check_linear_args(x, weight, bias, epilogue)
 
     lead, x2 = as_rows(x, K)
     M = x2.shape[0]

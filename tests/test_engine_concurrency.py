@@ -386,3 +386,20 @@ def test_close_cancels_a_request_caught_in_its_prefill(tiny_checkpoints, monkeyp
     assert not closer.is_alive()
     c = handle.result(timeout=10)
     assert c.finish_reason == "cancelled" and len(c.token_ids) < 900
+
+
+def test_graph_buckets_pad_with_free_slots_only():
+    """DecodeGraphs.run with stub graphs (no CUDA here): a batch of 3 holding slots 0, 4, 6 runs in the bucket of 4,
+    and the padding row points at a free slot, never at one a running sequence holds."""
+    import types
+
+    from qwen2vl_fast.engine.graphs import DecodeGraphs
+
+    cache = types.SimpleNamespace(k=[torch.zeros(1)], max_batch=8, max_len=16)
+    graphs = DecodeGraphs(None, cache)
+    graphs.graphs = {bs: types.SimpleNamespace(replay=lambda: None) for bs in graphs.buckets}
+    graphs.outputs = {bs: torch.arange(bs * 3, dtype=torch.float32).view(bs, 3) for bs in graphs.buckets}
+    out = graphs.run(torch.tensor([5, 6, 7]), torch.tensor([1, 2, 3]), torch.tensor([0, 4, 6]),
+                     torch.tensor([2, 2, 2]), spare=[1, 2, 3, 5, 7])
+    assert graphs.buckets == [1, 2, 4, 8] and out.shape == (3, 3)
+    assert graphs.slots[:4].tolist() == [0, 4, 6, 1] and graphs.lengths[3] == 1

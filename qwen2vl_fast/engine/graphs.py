@@ -61,8 +61,8 @@ class DecodeGraphs:
 
     def run(self, tokens, rope_positions, slots, lengths, spare=None) -> torch.Tensor:
         """One decode step for b rows on the smallest bucket >= b; returns logits (b, vocab) (a copy: the next
-        replay overwrites the graph's output). spare: slots free of any sequence, at least bucket - b of them
-        (default: the slots b.. , right when the batch holds slots 0..b-1)."""
+        replay overwrites the graph's output). spare: slots free of any sequence (a list), at least bucket - b of
+        them (default: the slots b.. , right when the batch holds slots 0..b-1)."""
         if not self.graphs:
             self.capture()
         b = tokens.shape[0]
@@ -74,7 +74,8 @@ class DecodeGraphs:
         if bs > b:  # padding rows: spare slots (not used by this batch), one key, token 0
             self.tokens[b:bs].zero_()
             self.positions[b:bs].zero_()
-            self.slots[b:bs].copy_(self._spare[b:bs] if spare is None else spare[:bs - b])
+            self.slots[b:bs].copy_(self._spare[b:bs] if spare is None else
+                                   torch.tensor(spare[:bs - b], dtype=torch.long).to(self.slots.device))
             self.lengths[b:bs].fill_(1)
         self.graphs[bs].replay()
         return self.outputs[bs][:b].clone()

@@ -320,8 +320,8 @@ class Scheduler:
         tokens, positions, rope, slots = host.to(dev).unbind(1)
         if self.graphs is not None:
             with self.cond:
-                spare = torch.tensor(sorted(self.free_slots), dtype=torch.long)
-            logits = self.graphs.run(tokens, rope, slots, positions + 1, spare=spare.to(dev))
+                spare = sorted(self.free_slots)  # copied to the device only when the bucket pads
+            logits = self.graphs.run(tokens, rope, slots, positions + 1, spare=spare)
         else:
             lm = self.model.language_model
             logits = lm.logits(lm.decode(lm.embed(tokens), rope, self.cache, slots, positions + 1))
