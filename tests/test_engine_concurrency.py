@@ -389,17 +389,22 @@ def test_close_cancels_a_request_caught_in_its_prefill(tiny_checkpoints, monkeyp
 
 
 def test_graph_buckets_pad_with_free_slots_only():
-    """DecodeGraphs.run with stub graphs (no CUDA here): a batch of 3 holding slots 0, 4, 6 runs in the bucket of 4,
-    and the padding row points at a free slot, never at one a running sequence holds."""
+    """The scheduler's launch with a stub state and stub steps (no model): a batch of 3 holding slots 0, 4, 6 runs
+    in the bucket of 4, and the padding row points at a free slot, never at one a running sequence holds; the
+    rows are uploaded once for as long as the batch stays the same."""
     import types
 
-    from qwen2vl_fast.engine.graphs import DecodeGraphs
+    from qwen2vl_fast.engine.scheduler import Scheduler
 
-    cache = types.SimpleNamespace(k=[torch.zeros(1)], max_batch=8, max_len=16)
-    graphs = DecodeGraphs(None, cache)
-    graphs.graphs = {bs: types.SimpleNamespace(replay=lambda: None) for bs in graphs.buckets}
-    graphs.outputs = {bs: torch.arange(bs * 3, dtype=torch.float32).view(bs, 3) for bs in graphs.buckets}
-    out = graphs.run(torch.tensor([5, 6, 7]), torch.tensor([1, 2, 3]), torch.tensor([0, 4, 6]),
-                     torch.tensor([2, 2, 2]), spare=[1, 2, 3, 5, 7])
-    assert graphs.buckets == [1, 2, 4, 8] and out.shape == (3, 3)
-    assert graphs.slots[:4].tolist() == [0, 4, 6, 1] and graphs.lengths[3] == 1
+    uploads = []
+    state = types.SimpleNamespace(device=torch.device("cpu"), stop_ids=torch.tensor([7]),
+                                  set_rows=lambda rows, active: uploads.append((list(rows), active)))
+    steps = types.SimpleNamespace(buckets=[1, 2, 4, 8], replay=lambda bs, sampling: torch.arange(bs))
+    sched = Scheduler(None, types.SimpleNamespace(max_batch=8), state, steps)
+    sched.free_slots = [1, 2, 3, 5, 7]
+    sched.running = [types.SimpleNamespace(slot=s, sampling=False, cache_len=5, in_flight=0) for s in (0, 4, 6)]
+    first, second = sched._launch(sched.running), sched._launch(sched.running)
+    assert uploads == [([0, 4, 6, 1], 3)]
+    assert first.tokens.tolist() == [0, 1, 2, 3] and second.tokens.tolist() == [0, 1, 2, 3]
+    assert first.tokens.data_ptr() != second.tokens.data_ptr()  # double-buffered: step n+1 never overwrites n
+    assert [s.cache_len for s in sched.running] == [7, 7, 7]

@@ -43,7 +43,8 @@ import torch
 
 from ..errors import EngineError, InputError, PromptError, Qwen2VLFastError
 from .cache import KVCache
-from .graphs import DecodeGraphs
+from .decode_state import DecodeState
+from .graphs import DecodeGraphs, EagerSteps
 from .params import SamplingParams
 from .request import Completion, RequestHandle, Sink, TokenEvent
 from .scheduler import Group, Scheduler
@@ -76,13 +77,12 @@ class Engine:
         self.cache = KVCache.allocate(cfg, max_batch, self.max_len, model.dtype, model.device)
         self.stop_token_ids = tuple(stop_token_ids)
         self.last_timings: Optional[dict] = None  # of the last finished generate / stream
-        self.graphs = None
-        if cuda_graphs and model.device.type == "cuda":
-            self.graphs = DecodeGraphs(model.language_model, self.cache)
         self.vision_cache = VisionCache(vision_cache_mb)
         tp = getattr(model, "tensor_parallel", None)
         sync = StepSync(tp.group) if tp is not None else None  # ranks run the same steps (step_sync.py)
-        self.scheduler = Scheduler(model, self.cache, self.graphs, self.stop_token_ids, self.vision_cache,
+        state = DecodeState(model.language_model, self.cache, self.stop_token_ids, model.ops.sample)
+        self.graphs = DecodeGraphs(state) if cuda_graphs and model.device.type == "cuda" else None
+        self.scheduler = Scheduler(model, self.cache, state, self.graphs or EagerSteps(state), self.vision_cache,
                                    max_queue, decode_text=self._decode if processor is not None else None, sync=sync)
         self._ids = itertools.count()
         if warmup if warmup is not None else model.device.type == "cuda":
@@ -122,8 +122,9 @@ class Engine:
             for n in lengths:
                 if n > 0:
                     self.generate(text_prompt(n), max_new_tokens=2, ignore_eos=True)
-            if self.graphs is not None and not self.graphs.graphs:
+            if self.graphs is not None and not self.graphs.graphs:  # capture the greedy and the sampling graphs
                 self.submit(text_prompt(1), max_new_tokens=2, ignore_eos=True).result()
+                self.submit(text_prompt(1), max_new_tokens=2, ignore_eos=True, temperature=1.0, seed=0).result()
         return self.model.ops.dispatch_report()
 
     # -- public API ---------------------------------------------------------------------------------------

@@ -6,11 +6,18 @@ Continuous batching, at step boundaries:
 1. cancelled requests leave (their KV slot is free at once);
 2. waiting submissions are admitted in arrival order while free slots are left; each is prefilled on its own
    (vision tower, cached by content, then the packed prefill of its rows) and samples its first token;
-3. one decode step runs every running sequence (CUDA graph per batch-size bucket; a bucket's padding rows
-   point at free slots), then each samples and finished sequences leave.
-A request's prefill is the same computation whatever else is running, and every sampled sequence draws its noise
-from its own generator (seeded by its request), so a seeded request gives the same tokens alone or in a busy
-batch.
+3. one decode step is launched for every running sequence, then the previous step's tokens are read and
+   emitted, and finished sequences leave.
+A request's prefill is the same computation whatever else is running, and every sampled sequence draws
+counter-based noise from its request's seed and its token index, so a seeded request gives the same tokens alone
+or in a busy batch.
+
+The decode step is device-resident (decode_state.py): sampling, the seen-token update, positions, counts and the
+stop test run inside the step (one CUDA graph per bucket), so a step costs the host one graph replay and one
+non-blocking copy of the tokens into pinned memory, fenced by an event. Step n+1 is launched before step n's
+tokens are read; a sequence that stopped at step n is already done on the device, so step n+1 does nothing for it
+and its token there is dropped. Stop strings are found on the host, one step later than the device would: the
+extra token is dropped the same way. Only a change of the batch (admission, finish, cancel) uploads new rows.
 
 The thread starts at the first submission and ends when nothing is waiting or running (the next submission
 starts a new one): an idle engine holds no thread, and a dropped Engine is collected.
@@ -33,7 +40,7 @@ import torch
 
 from ..errors import EngineClosedError, EngineError, QueueFullError, Qwen2VLFastError
 from ..ops import VarlenMeta
-from ..ops.sampling import greedy
+from .graphs import DecodeGraphs
 from .metrics import EngineMetrics
 from .request import RequestHandle, TextStream
 
@@ -59,7 +66,7 @@ class Sequence:
     slot: int
     cache_len: int  # tokens in the cache (the prompt, then one more per decode step)
     delta: int  # M-RoPE id of cache position p is p + delta
-    generator: Optional[torch.Generator]
+    sampling: bool  # temperature > 0 (the step's graph draws noise only when a row samples)
     arrival: float
     prefill_start: float
     stop_text: Optional[TextStream]  # the engine's own view of the text, for stop strings
@@ -68,12 +75,26 @@ class Sequence:
     generated: int = 0
     first_time: float = 0.0
     last_time: float = 0.0
+    finished: bool = False  # ended on the host: tokens of steps launched before that are dropped
+    in_flight: int = 0  # steps launched for it whose tokens the host has not read (0 or 1)
+
+
+@dataclass
+class LaunchedStep:
+    """A decode step in flight: its rows' sequences, the pinned buffer its tokens land in, the event after the
+    copy (None off CUDA: the copy was synchronous)."""
+
+    seqs: list
+    tokens: torch.Tensor
+    event: Optional[torch.cuda.Event]
 
 
 class Scheduler:
-    def __init__(self, model, cache, graphs, stop_token_ids, vision_cache=None, max_queue: int = 256,
-                 decode_text=None, sync=None):
-        self.model, self.cache, self.graphs = model, cache, graphs
+    def __init__(self, model, cache, state, steps, vision_cache=None, max_queue: int = 256, decode_text=None,
+                 sync=None):
+        self.model, self.cache, self.state, self.steps = model, cache, state, steps
+        self.cuda_graphs = isinstance(steps, DecodeGraphs)
+        stop_token_ids = state.stop_ids.tolist()
         self.stop_token_ids = frozenset(stop_token_ids)
         self.vision_cache, self.max_queue, self.decode_text = vision_cache, int(max_queue), decode_text
         self.cond = threading.Condition()
@@ -83,7 +104,13 @@ class Scheduler:
         self.thread: Optional[threading.Thread] = None
         self.closed = False
         self.metrics = EngineMetrics()
-        self.seen: Optional[torch.Tensor] = None  # (max_batch, vocab) bool: tokens each slot's sequence has seen
+        self.pending: Optional[LaunchedStep] = None  # the step launched last, its tokens not yet read
+        self.batch_key: Optional[tuple] = None  # (slots, bucket) of the rows on the device
+        n, self.on_cuda = cache.max_batch, state.device.type == "cuda"
+        # Two pinned token buffers: step n+1 copies into one while the host reads step n's from the other.
+        self.host_tokens = [torch.zeros(n, dtype=torch.long, pin_memory=self.on_cuda) for _ in range(2)]
+        self.host_views = [{bs: buf[:bs] for bs in steps.buckets} for buf in self.host_tokens]
+        self.flip = 0
         self.sync = sync  # StepSync under tensor parallelism
         self.stopped = False  # a led follower's stop plan went out (rank 0) / came in
         self.cancelling = False  # close(cancel=True): every sequence ends, those in prefill now too
@@ -150,7 +177,7 @@ class Scheduler:
                 with self.cond:
                     admit = self._take_admissible() if self.sync is None or self.sync.is_leader else []
                     cancel = [s.key for s in self.running if s.handle.cancelled.is_set()]
-                    idle = not admit and not self.running
+                    idle = not admit and not self.running and self.pending is None
                     if idle and self.sync is None:
                         self.thread = None  # idle: the next submission starts a new thread
                         return
@@ -170,7 +197,7 @@ class Scheduler:
                     for group, slots in admit:
                         self._prefill(group, slots)
                     self._drop_cancelled(set(cancel))
-                    if self.running:
+                    if self.running or self.pending is not None:
                         self._decode_step()
                 except BaseException as error:  # noqa: BLE001 - a bug must fail its requests, not hang them
                     self._fail_running(error if isinstance(error, Qwen2VLFastError) else
@@ -239,10 +266,11 @@ class Scheduler:
 
     def _fail_running(self, error: BaseException) -> None:
         for seq in self.running:
+            seq.finished = True
             seq.handle._push_error(error)
             self._free(seq)
         self.metrics.outcome("failed", len(self.running))
-        self.running = []
+        self.running, self.pending, self.batch_key = [], None, None
 
     def _drop_cancelled(self, keys: set) -> None:
         keep = []
@@ -257,7 +285,7 @@ class Scheduler:
     def _prefill(self, group: Group, slots: list) -> None:
         start = time.perf_counter()
         try:
-            logits, deltas = self._prefill_rows(group, slots)
+            logits, deltas, ids = self._prefill_rows(group, slots)
         except BaseException as error:  # noqa: BLE001 - the request fails, the engine serves the next
             with self.cond:
                 self.free_slots.extend(slots)
@@ -271,18 +299,16 @@ class Scheduler:
                 h._push_error(error)
             self.metrics.outcome("failed", len(group.handles))
             return
+        p = group.params
+        seeds = group.seeds if group.seeds is not None else [_seed(p) for _ in slots]
+        first = self.state.admit(slots, group.lengths, deltas, p, seeds, ids, logits).tolist()
         seqs = []
         for i, (h, slot) in enumerate(zip(group.handles, slots)):
-            p = group.params
-            gen = None
-            if p.temperature > 0:
-                gen = torch.Generator(device=self.model.device)
-                gen.manual_seed(group.seeds[i] if group.seeds is not None else _seed(p))
             stop_text = TextStream(self.decode_text, p.stop) if p.stop and self.decode_text else None
-            seqs.append(Sequence(h, slot, group.lengths[i], deltas[i], gen, group.arrival, start, stop_text,
-                                 key=(group.ordinal, i)))
+            seqs.append(Sequence(h, slot, group.lengths[i], deltas[i], p.temperature > 0, group.arrival, start,
+                                 stop_text, key=(group.ordinal, i)))
         self.running.extend(seqs)
-        self._sample_and_emit(seqs, logits)
+        self._emit(seqs, first)
 
     def _prefill_rows(self, group: Group, slots: list):
         model, dev = self.model, self.model.device
@@ -304,53 +330,61 @@ class Scheduler:
                                               meta, self.cache, token_slots, positions)
         last = meta.cu_seqlens[1:].long() - 1
         logits = model.language_model.logits(hidden[last])
-        if self.seen is None:
-            self.seen = torch.zeros(self.cache.max_batch, logits.shape[-1], dtype=torch.bool, device=dev)
-        rows = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=dev)
-        rows.scatter_(1, ids, True)  # the prompt counts, padding too (as transformers)
-        self.seen[slot_ids] = rows
         # deltas in the cache's own (unpadded) coordinates: max M-RoPE id + 1 - prompt length
         deltas = (rope_deltas.view(-1).cpu() + (L - torch.tensor(group.lengths))).tolist()
-        return logits, deltas
+        return logits, deltas, ids  # ids: the prompt, padding too, counts as seen (as transformers)
 
     # -- decode ---------------------------------------------------------------------------------------------
     def _decode_step(self) -> None:
-        seqs, dev = self.running, self.model.device
-        host = torch.tensor([[s.last_token, s.cache_len, s.cache_len + s.delta, s.slot] for s in seqs])
-        tokens, positions, rope, slots = host.to(dev).unbind(1)
-        if self.graphs is not None:
+        """Launch the step of the running sequences, then read and emit the previous step's tokens."""
+        # A sequence whose token budget the step in flight exhausts is not launched again (no wasted step at the
+        # end of every request); one ended by a stop token or string costs one dropped row.
+        seqs = [s for s in self.running if s.generated + s.in_flight < s.handle.params.max_new_tokens]
+        launched = self._launch(seqs) if seqs else None
+        if self.pending is not None:
+            self._collect(self.pending)
+        self.pending = launched
+
+    def _launch(self, seqs: list) -> LaunchedStep:
+        """The host's part of a step: (when the batch changed) the new rows, one graph replay, one copy out."""
+        b = len(seqs)
+        bs = next(x for x in self.steps.buckets if x >= b)
+        key = (tuple(s.slot for s in seqs), bs)
+        if key != self.batch_key:  # admission, finish or cancel: rows change (padding rows on free slots)
             with self.cond:
-                spare = sorted(self.free_slots)  # copied to the device only when the bucket pads
-            logits = self.graphs.run(tokens, rope, slots, positions + 1, spare=spare)
-        else:
-            lm = self.model.language_model
-            logits = lm.logits(lm.decode(lm.embed(tokens), rope, self.cache, slots, positions + 1))
+                spare = sorted(self.free_slots)[:bs - b]
+            self.state.set_rows(list(key[0]) + spare, b)
+            self.batch_key = key
+        out = self.steps.replay(bs, any(s.sampling for s in seqs))
+        tokens = self.host_views[self.flip][bs]
+        self.flip ^= 1
+        tokens.copy_(out, non_blocking=True)
+        event = None
+        if self.on_cuda:
+            event = torch.cuda.Event()
+            event.record()
         for s in seqs:
             s.cache_len += 1
-        self._sample_and_emit(list(seqs), logits)
+            s.in_flight += 1
+        return LaunchedStep(seqs, tokens, event)
 
-    def _sample_and_emit(self, seqs: list, logits: torch.Tensor) -> None:
-        dev = logits.device
-        slot_ids = torch.tensor([s.slot for s in seqs], device=dev)
-        seen = self.seen[slot_ids]
-        params = [s.handle.params for s in seqs]
-        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
-        if all(s.generator is None for s in seqs):  # greedy: no noise, no vocabulary sort
-            nxt = greedy(logits, penalty, seen)
-        else:
-            noise = torch.ones(logits.shape, dtype=torch.float32, device=dev)
-            for row, s in enumerate(seqs):
-                if s.generator is not None:  # each sequence's own stream: its samples do not depend on the batch
-                    noise[row].exponential_(generator=s.generator)
-            knobs = torch.tensor([[p.temperature, p.top_k, p.top_p] for p in params], dtype=torch.float64)
-            nxt = self.model.ops.sample(logits, knobs[:, 0].float().to(dev), knobs[:, 1].long().to(dev),
-                                        knobs[:, 2].float().to(dev), penalty, seen, noise)
-        self.seen[slot_ids, nxt] = True
-        host = nxt.tolist()  # the one sync per step: tokens must reach the callers (streaming, stops)
+    def _collect(self, step: LaunchedStep) -> None:
+        if step.event is not None:
+            step.event.synchronize()
+        tokens = step.tokens.tolist()
+        for s in step.seqs:
+            s.in_flight -= 1
+        live = [(s, t) for s, t in zip(step.seqs, tokens) if not s.finished]
+        if live:
+            self._emit([s for s, _ in live], [t for _, t in live])
+
+    def _emit(self, seqs: list, tokens: list) -> None:
+        """Hand each sequence its new token; end those that stop (the device's own stop test agrees, except for
+        stop strings, which only the host sees)."""
         now = time.perf_counter()
         gaps = []
         done = set()
-        for s, tok in zip(seqs, host):
+        for s, tok in zip(seqs, tokens):
             s.last_token, s.generated = tok, s.generated + 1
             if s.generated == 1:
                 s.first_time = now
@@ -385,7 +419,8 @@ class Scheduler:
             ttft_s=ttft, prefill_s=ttft, queue_s=seq.prefill_start - seq.arrival, total_s=now - seq.arrival,
             prompt_tokens=seq.handle.prompt_tokens, generated_tokens=seq.generated,
             decode_tokens_per_s=(seq.generated - 1) / decode_s if seq.generated > 1 else 0.0,
-            cuda_graphs=self.graphs is not None)
+            cuda_graphs=self.cuda_graphs)
+        seq.finished = True
         self._free(seq)
         self.metrics.outcome("cancelled" if reason == "cancelled" else "finished")
         if push:
