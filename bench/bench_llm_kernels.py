@@ -10,6 +10,9 @@ o_proj, gate/up + SwiGLU, down, lm_head) are in bench/bench_gemm.py.
   full). Alternatives: SDPA on the cache viewed as (B, Hkv, L, D) (the same fallback), the reference.
 - rope_kv_write: rotate q, k and write k, v into the cache, for 1 / 16 / 64 decode tokens and a 1600-token
   prefill. Alternatives: the reference eagerly and under torch.compile.
+- rope_decode_attention: the decode step's rotary + cache write + attention in one launch, at the decode_attention
+  batches and contexts. Alternatives: the unfused Triton path it replaces (rope_kv_write + decode_attention), the
+  reference.
 - add_rms_norm at M = 1, 16, 64 (decode) and 1600 (prefill): the reference eagerly and under torch.compile.
 Ours: every fast implementation that runs here, and "auto" (the runtime's measured dispatch).
 Timing and fairness (bench/compare.py): one method for every candidate of a case (CUDA-graph replays, else a
@@ -125,6 +128,31 @@ def decode_attention_cases(s, sizes, device, dtype, auto):
             yield compare.Case(f"decode_attention b{b} ctx{ctx}", flops, nbytes, cands)
 
 
+def rope_decode_attention_cases(s, sizes, device, dtype, auto):
+    """The decoder's whole attention step (rotary of q and the new k, cache write, attention) at the decode
+    batches and contexts: ours in one launch against the unfused Triton path (rope_kv_write's kernel, then the split
+    + reduce decode kernels: what it replaces) and the reference."""
+    from qwen2vl_fast.ops.decoding import rope_decode_attention_unfused
+
+    d, hq, hkv = s["d"], s["hq"], s["hkv"]
+    for b in sizes["batches"]:
+        for ctx in sizes["contexts"]:
+            slots = torch.arange(b, device=device)
+            lengths = torch.full((b,), ctx, device=device, dtype=torch.long)
+
+            def make(b=b, ctx=ctx, slots=slots, lengths=lengths):
+                q, k, v, cos, sin = (torch.randn(b, n, d, device=device, dtype=dtype) for n in (hq, hkv, hkv, 1, 1))
+                return (q, k, v, cos.view(b, d), sin.view(b, d), torch.randn(b, ctx, hkv, d, device=device, dtype=dtype),
+                        torch.randn(b, ctx, hkv, d, device=device, dtype=dtype), slots, lengths, d ** -0.5)
+            cands = _ours("rope_decode_attention", device, auto, make)
+            cands["reference"] = compare.Candidate(get_op("rope_decode_attention").reference, make)
+            if "ours-triton" in cands:
+                cands["ours-triton-unfused"] = compare.Candidate(rope_decode_attention_unfused, make, "ours")
+            flops = 4 * b * hq * d * ctx
+            nbytes = (2 * b * ctx * hkv + 2 * b * hq + 4 * b * hkv + 2 * b) * d * dtype.itemsize
+            yield compare.Case(f"rope_decode_attention b{b} ctx{ctx}", flops, nbytes, cands)
+
+
 def _with_reference(op, cands, make_args, compile_ok) -> dict:
     """The reference eagerly, and compiled (static shapes: the best code for this one shape)."""
     ref = get_op(op).reference
@@ -198,6 +226,7 @@ def main(argv=None) -> int:
         for name, s in shapes.items():
             for group in (prefill_attention_cases(s, sizes, device, dtype, auto),
                           decode_attention_cases(s, sizes, device, dtype, auto),
+                          rope_decode_attention_cases(s, sizes, device, dtype, auto),
                           rope_cases(s, sizes, device, dtype, auto, compile_ok),
                           norm_cases(s, sizes, device, dtype, auto, compile_ok)):
                 for case in group:

@@ -284,7 +284,7 @@ def bench_model(preset: str, cfg, kind: str, args, dtype, ceilings) -> tuple[lis
         model = Qwen2VLFastModel(cfg, weights, resolve(args.backend, device, cfg))
         engine = Engine(model, None, max_batch=max_batch, max_len=max_len, cuda_graphs=True)
         info.update(build_s=time.perf_counter() - t0, ops={k: model.ops.chosen[k] for k in
-                                                           ("linear", "quant_linear", "decode_attention")})
+                                                           ("linear", "quant_linear", "rope_decode_attention")})
         wbytes = step_weight_bytes(weights)
         base["quant_linear_op"] = model.ops.chosen["quant_linear"] if BITS[kind] else None
         for b in args.batches:

@@ -14,7 +14,8 @@
 #   total         355   of the 560 s budget (GPU_CHECK_BUDGET_S)
 # Opt-in steps (name them in GPU_CHECK_STEPS; expected seconds): diagnose-ext (bench/diagnose_cuda_ext_errors.py:
 # the three GPU tests that segfaulted, call by call, each in its own process, with the environment, 45; run it
-# right after install), tests (the whole suite on CUDA, 150),
+# right after install), tests (the whole suite on CUDA, 150), decode-tests (issue 13's kernels, the device-resident
+# decode step and its graphs, on CUDA: 120 expected, not yet measured),
 # vision-kernels (attention / norms / rotary / patch embedding vs SDPA backends and torch.compile; 240 expected,
 # not yet measured: the first run timed out after its first case (likely a host-blocking candidate in the
 # queue fallback, retried with unbounded spins: bounded in bench/harness.py); it now stops itself at the step's
@@ -153,6 +154,10 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|nump
     step diagnose-ext 45 120 "$PY" bench/diagnose_cuda_ext_errors.py --out "$OUT_DIR"
     # shellcheck disable=SC2046
     step tests 150 240 env QWEN2VL_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -x -m "not gpu" $(parallel_tests) tests
+    # Issue 13's kernels and the device-resident step on the GPU (the racy in-launch merges, bf16, the graphs)
+    step decode-tests 120 240 env QWEN2VL_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q tests/test_kernels_decode_step.py \
+        tests/test_kernels_rope_decode_attention.py tests/test_kernels_gemv_splitk.py tests/test_cuda_quant_marlin.py \
+        tests/test_decode_step.py tests/test_kernels_llm_attention.py
     step vision-kernels 240 300 "$PY" bench/bench_vision_kernels.py --reps "$KREPS"
     step bench-2b-compile 150 250 "$PY" bench/bench_model_forward.py --preset qwen2-vl-2b --reps "$REPS"
     step bench-3b 300 450 "$PY" bench/bench_model_forward.py --preset qwen2.5-vl-3b --reps "$REPS"

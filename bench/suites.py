@@ -307,8 +307,44 @@ def sample_cases(sh: OpShapes, device, dtype, auto, compile_ok):
                                          meta=dict(B=b, V=vocab))
 
 
+def step_state_cases(sh: OpShapes, device, dtype, auto, compile_ok):
+    """decode_rows / decode_commit: the decode step's bookkeeping (engine/decode_state.py) for every bucket row
+    live, greedy over the whole vocabulary (the graph's path for greedy batches). They rewrite the state they
+    read (lengths advance, counts grow): harmless to the timing. Alternatives: the references, eager and
+    compiled (the ATen kernel chains they replace)."""
+    from qwen2vl_fast.ops import step_state as F
+
+    for p in sh.llm_presets[:1]:
+        vocab = sh.vocab or _cfg(p).text.vocab_size
+        for b in sh.sample_rows:
+            def state(b=b):
+                ints = torch.zeros(b, F.INT_FIELDS, dtype=torch.long, device=device)
+                ints[:, F.LENGTH], ints[:, F.MAX_NEW] = 100, 1 << 40
+                return ints, torch.arange(b, device=device), torch.ones(b, dtype=torch.bool, device=device)
+
+            def make_rows(state=state):
+                ints, rows, live = state()
+                return ints, rows, live, torch.ones(1, dtype=torch.long, device=device)
+
+            cands = _alternatives("decode_rows", _ours("decode_rows", device, auto, make_rows), make_rows, compile_ok)
+            yield "decode_rows", compare.Case(f"decode_rows {b}", 0, b * (8 * 4 + 1 + 8 * 3 + 1 + 8), cands,
+                                              meta=dict(B=b))
+
+            def make_commit(b=b, vocab=vocab, state=state):
+                ints, rows, live = state()
+                return (torch.randn(b, vocab, device=device), None, ints,
+                        torch.full((b,), 1.05, device=device), torch.rand(b, vocab, device=device) < 0.01,
+                        torch.tensor([151643, 151645], device=device), rows, live,
+                        torch.empty(b, dtype=torch.long, device=device))
+
+            cands = _alternatives("decode_commit", _ours("decode_commit", device, auto, make_commit), make_commit,
+                                  compile_ok)
+            yield "decode_commit", compare.Case(f"decode_commit greedy {b}x{vocab}", 0, b * vocab * (4 + 1),
+                                                cands, meta=dict(B=b, V=vocab), memory_bound=True)
+
+
 OP_CASES = (norm_cases, activation_cases, rotary_cases, merger_cases, causal_attention_cases, embedding_cases,
-            sample_cases)
+            sample_cases, step_state_cases)
 
 
 def op_cases(sh: OpShapes, device, dtype, auto, compile_ok):
@@ -375,6 +411,7 @@ def llm_cases(smoke: bool, device, dtype, auto, compile_ok):
     for name, s in shapes.items():
         for group in (m.prefill_attention_cases(s, sizes, device, dtype, auto),
                       m.decode_attention_cases(s, sizes, device, dtype, auto),
+                      m.rope_decode_attention_cases(s, sizes, device, dtype, auto),
                       m.rope_cases(s, sizes, device, dtype, auto, compile_ok),
                       m.norm_cases(s, sizes, device, dtype, auto, compile_ok)):
             for case in group:

@@ -2,7 +2,8 @@
 and check what ptxas reports against the hardware's limits.
 
 For each real preset (Qwen2-VL 2B/7B/72B, Qwen2.5-VL 3B/7B/72B) and each 16-bit dtype, the sweep calls the
-kernels' own launchers (gemm.gemm, quant_gemm.quant_gemm, norms.rms_norm, llm_attention.decode_attention, ...)
+kernels' own launchers (gemm.gemm, quant_gemm.quant_gemm, norms.rms_norm, llm_attention.decode_attention,
+llm_attention.rope_decode_attention, ...)
 at the models' real shapes, so every tile size, warp count, stage count and split count comes from the
 launchers' own selection logic (gemm.pick_config, varlen_attention.pick_config, decode_num_splits, ...):
 nothing of their tables is repeated here. The launchers run on CPU tensors made by torch.empty, whose pages
@@ -306,6 +307,18 @@ def llm_attention_workloads(label, cfg, dtype) -> Iterator[Workload]:
         splits = llm_attention.decode_num_splits(batch, t.num_key_value_heads, ENGINE_MAX_LEN)
         yield Workload("llm_attention", f"{label(dtype)} decode B={batch} max_len={ENGINE_MAX_LEN} "
                                         f"splits={splits}", decode)
+    # the fused decode step (rotary + cache write + attention + in-launch merge): the engine's buckets, and a
+    # batch past the split threshold (NUM_SPLITS 1: the direct-write path)
+    for batch in (*DECODE_BATCHES, 256):
+        def rope_decode(batch=batch):
+            q, k, v = _qkv_views(batch, t, dtype)
+            cos = _empty(batch, t.head_dim, dtype=dtype)
+            rows = torch.arange(batch)
+            llm_attention.rope_decode_attention(q, k, v, cos, torch.empty_like(cos), *_kv_cache(t, dtype), rows,
+                                                rows + 1, scale)
+        splits = llm_attention.decode_num_splits(batch, t.num_key_value_heads, ENGINE_MAX_LEN)
+        yield Workload("llm_attention", f"{label(dtype)} rope_decode B={batch} max_len={ENGINE_MAX_LEN} "
+                                        f"splits={splits}", rope_decode)
 
 
 def _quantized(k, n, bits, group, dtype):
@@ -357,11 +370,42 @@ def gemv_splitk_workloads(label, cfg, dtype) -> Iterator[Workload]:
                            _gemv_splitk(rows, n, k, dtype, epilogue, bias, "pass"))
 
 
+STEP_BATCHES = (1, 16, 128)  # decode-step bookkeeping: the smallest, the default engine's and the largest bucket
+
+
+def decode_step_workloads(label, cfg, dtype) -> Iterator[Workload]:
+    """The decode step's bookkeeping kernels (dtype-free but for the logits): rows, and the greedy / given-token
+    commit over the preset's vocabulary."""
+    from qwen2vl_fast.ops import step_state as F
+
+    from . import decode_step
+
+    vocab = cfg.text.vocab_size
+    for batch in STEP_BATCHES:
+        def state(batch=batch):
+            return (_empty(128, F.INT_FIELDS, dtype=torch.long), torch.arange(batch),
+                    _empty(batch, dtype=torch.bool))
+
+        def rows(state=state):
+            ints, r, active = state()
+            decode_step.decode_rows(ints, r, active, _empty(1, dtype=torch.long))
+        yield Workload("decode_step", f"{label(dtype)} decode_rows B={batch}", rows)
+        for greedy in (True, False):
+            def commit(batch=batch, greedy=greedy, state=state):
+                ints, r, live = state()
+                out = _empty(batch, dtype=torch.long)
+                decode_step.decode_commit(_empty(batch, vocab, dtype=dtype), None if greedy else out, ints,
+                                          _empty(128, dtype=torch.float32), _empty(128, vocab, dtype=torch.bool),
+                                          _empty(2, dtype=torch.long), r, live, out)
+            yield Workload("decode_step", f"{label(dtype)} decode_commit {'greedy' if greedy else 'given'} "
+                                          f"B={batch} V={vocab}", commit)
+
+
 FAMILIES = {
     "gemm": gemm_workloads, "patch_embed": patch_embed_workloads, "norms": norm_workloads,
     "activations": activation_workloads, "rotary": rotary_workloads, "mrope": mrope_workloads,
     "varlen_attention": varlen_attention_workloads, "llm_attention": llm_attention_workloads,
-    "quant_gemm": quant_gemm_workloads, "gemv_splitk": gemv_splitk_workloads,
+    "quant_gemm": quant_gemm_workloads, "gemv_splitk": gemv_splitk_workloads, "decode_step": decode_step_workloads,
 }
 
 

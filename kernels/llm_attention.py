@@ -4,6 +4,8 @@
   q[i] . k[j]^T, j in seq(i), j <= i) @ v; q (T, Hq, D), k/v (T, Hkv, D), q head h reads kv head h // r.
 - `decode_attention`: one query per sequence against its KV-cache row, split over the keys (flash-decoding):
   q (B, Hq, D), k/v cache (max_batch, max_len, Hkv, D), slots (B,) cache rows, lengths (B,) valid keys.
+- `rope_decode_attention`: a decode step's whole attention in ONE launch: rotary of q and of the new token's k,
+  the cache write of k and v at position lengths - 1, flash-decoding and the merge of the splits.
 
 Prefill. A *tile* is <= BLOCK_M consecutive query rows of ONE prompt (tiles start at the prompt's start, so
 `row_lo - seq_start` is a multiple of BLOCK_M and hence of BLOCK_N); the program for (head, tile) walks the
@@ -25,15 +27,34 @@ tile (8 x 64 x 128 fp32 over 128 threads = 512 registers per thread) or tiny key
 reductions for every key: strictly worse here.
 NUM_SPLITS is a host decision from static shapes only (B, Hkv, max_len: fixed per CUDA-graph bucket), never
 from the runtime lengths: enough programs to cover the SMs twice at batch 1 (`decode_num_splits`). The split
-*boundaries* are computed on the device from each row's length: split size = max(MIN_SPLIT, ceil(length /
-NUM_SPLITS) rounded up to BLOCK_N), so a row's keys are spread over as many splits as its own length allows
-(a 2000-token context in a 32k cache: 8 splits of 256), where a fixed max_len / NUM_SPLITS partition would put
-it in one program and leave the others idle. Each program loops over
-its full key blocks unmasked and at most one masked tail block. With NUM_SPLITS > 1 it writes a partial (m, l,
-unnormalised acc) per q head to a workspace; an empty split (length below its start) writes the neutral (m, l)
-= (-1e30, 0) and no acc, and the reduce kernel (grid (B, Hq)) skips acc rows whose l is 0, so the
-workspace needs no initialisation. With NUM_SPLITS == 1 (large batches) the split kernel normalises and writes
-the output itself: no workspace, no second kernel.
+*boundaries* are computed on the device from each row's length (`_split_range`): its ceil(length / BLOCK_N) key
+blocks are dealt to min(NUM_SPLITS, blocks) splits as evenly as whole blocks allow, so a row occupies as many
+programs as it has blocks, up to NUM_SPLITS (a 1.6k context at batch 1 of a 2-kv-head model: 2 x 25 programs of
+one block; from NUM_SPLITS blocks on, every program), where a fixed max_len / NUM_SPLITS partition would put it
+in one program and leave the others idle. The trade-off of one-block splits is the partials (see
+_DECODE_TARGET_PROGRAMS): more workspace traffic per key while the context is short, where a step is bound by
+latency and the number of SMs streaming keys rather than by bytes. Each program loops over its full key blocks
+unmasked and at most one masked tail block (only the last non-empty split has one). With NUM_SPLITS > 1 it
+writes a partial (m, l, unnormalised acc) per q head to a workspace; an empty split writes the neutral (m, l) =
+(-1e30, 0) and no acc, and the reduce kernel (grid (B, Hq)) skips acc rows whose l is 0, so the workspace needs
+no initialisation. With NUM_SPLITS == 1 (large batches) the split kernel normalises and writes the output
+itself: no workspace, no second kernel.
+
+Rope + decode (`_rope_decode_kernel`, grid (B, Hkv, NUM_SPLITS), the same splits). Each non-empty program
+rotates its own q group from q, cos, sin (a few hundred bytes: cheaper than any hand-off between programs); the
+program of the row's last non-empty split, whose keys end at lengths - 1, also rotates the new k, writes k and
+v to the cache, and passes a CTA barrier before its key loads, so the new key is read back like any other and no
+other program reads it. Rounding as rope_kv_write (each product and the sum rounded to the dtype, no FMA
+contraction: the launch sets enable_fp_fusion=False for the whole kernel, a few more instructions in the
+softmax, invisible in a memory-bound loop), so the cache holds exactly what rope_kv_write writes. The merge
+happens in the same launch: each program stores its partial, then takes a ticket (an acq_rel atomic on a
+per-device counter buffer, after a barrier); the program that takes a group's last ticket merges. One program
+merging every split would serialise n_live x r x D x 4 B of loads (a 16k context: ~400 KB, several us), so
+past FAN_IN non-empty splits the merge has two levels: the last of each FAN_IN consecutive splits merges them
+into a group partial, the last of those merges the groups. Every merge folds its inputs in index order, so the
+result is bitwise the same whichever program arrives last; mergers reset their counters to 0, so the next
+launch (and every CUDA-graph replay) finds them zeroed. Empty splits exit at once (no ticket); a row of one
+block writes its output directly. NUM_SPLITS == 1: no workspace, no ticket.
 
 Numerics (both). Scores, softmax statistics and accumulators are fp32; scale * log2(e) is folded into one
 multiply and the exponentials are exp2. The running max starts at -1e30, not -inf: a row with every key of a
@@ -188,12 +209,29 @@ def _prefill_attention_kernel(
 # ------------------------------------------------------------------------------------------------ decode
 
 @triton.jit
+def _split_range(length, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.constexpr):
+    """(n_live, lo, hi): how many splits of a row of `length` keys are non-empty, and the keys [lo, hi) of `split`
+    (shared by both decode kernels). NUM_SPLITS is static (the grid); the boundaries come from the row's own
+    length, on the device: its n_blocks = ceil(length / BLOCK_N) key blocks are dealt to n_live = min(NUM_SPLITS,
+    n_blocks // MIN_BLOCKS) splits as evenly as whole blocks allow (floor / ceil of n_blocks / n_live each, split s
+    from block s * n_blocks // n_live), so a row occupies min(NUM_SPLITS, its blocks) programs: a row with at
+    least NUM_SPLITS blocks fills every split. Splits n_live.. are empty (hi = lo); split n_live - 1 ends at
+    `length` and alone holds the partial tail block (and the row's last key)."""
+    n_blocks = tl.cdiv(length, BLOCK_N)
+    n_live = tl.maximum(tl.minimum(n_blocks // MIN_BLOCKS, NUM_SPLITS), 1)
+    lo = (split * n_blocks // n_live) * BLOCK_N
+    hi = tl.minimum(((split + 1) * n_blocks // n_live) * BLOCK_N, length)
+    hi = tl.where(split < n_live, hi, lo)
+    return n_live, lo, hi
+
+
+@triton.jit
 def _decode_split_kernel(
     Q_ptr, K_ptr, V_ptr, Slots_ptr, Lengths_ptr, O_ptr, Mws_ptr, Lws_ptr, Accws_ptr,
     stride_qb, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, stride_ob, stride_oh,
     max_len, qk_scale,
     REP: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr,
 ):
     """Grid (B, Hkv, NUM_SPLITS). Workspace (NUM_SPLITS > 1): Mws/Lws fp32 (B, Hq, NUM_SPLITS), Accws fp32
@@ -203,12 +241,9 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     num_q_heads = tl.num_programs(1) * REP
     slot = tl.load(Slots_ptr + b).to(tl.int64)
-    length = tl.minimum(tl.load(Lengths_ptr + b), max_len).to(tl.int32)  # clamp: never read past the row
+    length = tl.maximum(tl.minimum(tl.load(Lengths_ptr + b), max_len), 0).to(tl.int32)  # never past the row
 
-    # This row's split size, from its own length (device side): NUM_SPLITS is static, the boundaries are not.
-    per_split = tl.maximum(tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, length)
+    _, lo, hi = _split_range(length, split, NUM_SPLITS, BLOCK_N, MIN_BLOCKS)
     full_hi = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
 
     rows = tl.arange(0, GROUP)
@@ -275,6 +310,212 @@ def _decode_reduce_kernel(Mws_ptr, Lws_ptr, Accws_ptr, O_ptr, stride_ob, stride_
              out.to(O_ptr.dtype.element_ty), mask=d_ok)
 
 
+# ------------------------------------------------------------------------------------------------ rope + decode
+
+@triton.jit
+def _rotate(x_ptrs, xp_ptrs, c, s, first, mask):
+    """x * cos + rotate_half(x) * sin for rows of x at their dims d (x_ptrs) and partner dims d +- D/2 (xp_ptrs),
+    rotate_half(x)[d] = -x[d + D/2] in the first half, x[d - D/2] in the second; c, s fp32 holding values of x's
+    dtype. Rounded to the dtype after each product and after the sum, as torch's ops in that dtype are (and as
+    kernels/mrope.py's _rotate): bit-identical to ops.decoding.rope_kv_write's reference, given no FMA
+    contraction (the launch passes enable_fp_fusion=False)."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    xp = tl.load(xp_ptrs, mask=mask, other=0.0)
+    dt = x.dtype
+    a = (x.to(tl.float32) * c).to(dt).to(tl.float32)
+    b = (xp.to(tl.float32) * s).to(dt).to(tl.float32)
+    return tl.where(first, a - b, a + b).to(dt)
+
+
+@triton.jit
+def _store_out(O_ptr, b, heads, row_ok, offs_d, d_ok, acc, l_i, stride_ob, stride_oh):
+    """out = acc / l for the rows of one (b, kv head) group; l == 0 only for a row with no key (then out = 0)."""
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    ptrs = O_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(ptrs, out.to(O_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _rope_decode_kernel(
+    Q_ptr, Kn_ptr, Vn_ptr, Cos_ptr, Sin_ptr, K_ptr, V_ptr, Slots_ptr, Lengths_ptr, O_ptr,
+    Mws_ptr, Lws_ptr, Accws_ptr, Tickets_ptr,
+    stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb, stride_sb,
+    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, stride_ob, stride_oh,
+    max_batch, max_len, qk_scale,
+    REP: tl.constexpr, GROUP: tl.constexpr, RGROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    MIN_BLOCKS: tl.constexpr, FAN_IN: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    """Grid (B, Hkv, NUM_SPLITS): rotary of q and of the new k, cache write of k and v, flash-decoding and the
+    split merge, in one launch (see the module docstring, "Rope + decode").
+    Workspace (NUM_SPLITS > 1), contiguous, never initialised: Mws / Lws fp32 (B * Hkv * (NUM_SPLITS +
+    NUM_GROUPS) * RGROUP,), Accws fp32 (the same rows x HEAD_DIM): rows [0, B Hkv NUM_SPLITS RGROUP) the splits'
+    partials, (grp, split, head); after them the level-1 merges' partials, (grp, group, head), NUM_GROUPS =
+    ceil(NUM_SPLITS / FAN_IN). Tickets int32, zero before and after a launch: [0, B Hkv) one per (b, kv head),
+    then B Hkv NUM_GROUPS level-1 tickets."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    if REVERSE:  # tests: the grid's split order reversed, so other programs of each group arrive last
+        split = NUM_SPLITS - 1 - tl.program_id(2)
+    else:
+        split = tl.program_id(2)
+    num_kv = tl.num_programs(1)
+    slot = tl.load(Slots_ptr + b).to(tl.int64)
+    n_keys = tl.load(Lengths_ptr + b)
+    length = tl.maximum(tl.minimum(n_keys, max_len), 0).to(tl.int32)  # never read past the row
+    n_live, lo, hi = _split_range(length, split, NUM_SPLITS, BLOCK_N, MIN_BLOCKS)
+    rows = tl.arange(0, GROUP)
+    row_ok = rows < REP
+    heads = g * REP + rows
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    if lo < hi:  # an empty split (past its row's blocks) does nothing at all: no q, no workspace, no ticket
+        first = offs_d < HALF
+        partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+        c = tl.load(Cos_ptr + b.to(tl.int64) * stride_cb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        s = tl.load(Sin_ptr + b.to(tl.int64) * stride_sb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        # every program of the group rotates its own copy of q (r x D, a few hundred bytes from L2): no program
+        # waits for another, and q is never written back
+        q_rows = Q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+        q = _rotate(q_rows + offs_d[None, :], q_rows + partner[None, :], c[None, :], s[None, :], first[None, :],
+                    row_ok[:, None] & d_ok[None, :])
+        k_base = K_ptr + slot * stride_kb + g.to(tl.int64) * stride_kh
+        v_base = V_ptr + slot * stride_vb + g.to(tl.int64) * stride_vh
+        if split == n_live - 1:
+            # The last non-empty split holds key position n_keys - 1, the new token's: this program alone rotates
+            # k, writes k and v to the cache and reads them back below, so no other program depends on the
+            # write. Out-of-range slots or positions are not written (as kernels/mrope.py).
+            pos = n_keys.to(tl.int64) - 1
+            kn = Kn_ptr + b.to(tl.int64) * stride_knb + g.to(tl.int64) * stride_knh
+            k_new = _rotate(kn + offs_d, kn + partner, c, s, first, d_ok)
+            v_new = tl.load(Vn_ptr + b.to(tl.int64) * stride_vnb + g.to(tl.int64) * stride_vnh + offs_d,
+                            mask=d_ok, other=0.0)
+            w_ok = d_ok & (slot >= 0) & (slot < max_batch) & (pos >= 0) & (pos < max_len)
+            tl.store(k_base + pos * stride_kl + offs_d, k_new, mask=w_ok)
+            tl.store(v_base + pos * stride_vl + offs_d, v_new, mask=w_ok)
+        # Every thread's cache stores above precede every thread's key loads below (bar.sync orders the CTA's
+        # global memory accesses; the block holding the new key is then read like any other).
+        tl.debug_barrier()
+
+        full_hi = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+        acc = tl.zeros((GROUP, BLOCK_D), dtype=tl.float32)
+        m_i = tl.full((GROUP,), -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros((GROUP,), dtype=tl.float32)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, rows, lo, full_hi, hi, offs_d, d_ok,
+                                      stride_kl, stride_vl, qk_scale, BLOCK_N, EVEN_D, 0, PRECISION, WHILE_LOOP)
+        if full_hi < hi:
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base, v_base, rows, full_hi, hi, offs_d, d_ok,
+                                          stride_kl, stride_vl, qk_scale, BLOCK_N, EVEN_D, 1, PRECISION)
+
+        if NUM_SPLITS == 1:
+            _store_out(O_ptr, b, heads, row_ok, offs_d, d_ok, acc, l_i, stride_ob, stride_oh)
+        elif n_live == 1:  # a row of one block: nothing to merge, no workspace, no ticket
+            _store_out(O_ptr, b, heads, row_ok, offs_d, d_ok, acc, l_i, stride_ob, stride_oh)
+        else:
+            NUM_GROUPS: tl.constexpr = (NUM_SPLITS + FAN_IN - 1) // FAN_IN
+            num_b = tl.num_programs(0)
+            grp = b.to(tl.int64) * num_kv + g
+            _store_partial(Mws_ptr, Lws_ptr, Accws_ptr, (grp * NUM_SPLITS + split) * RGROUP, m_i, l_i, acc, rows,
+                           row_ok, offs_d, d_ok, HEAD_DIM)
+            n_groups = tl.cdiv(n_live, FAN_IN)
+            # Tickets: every thread's partial stores precede the one atomic (bar.sync, then a release at GPU
+            # scope); the program that takes the last ticket acquires the others' partials and merges them.
+            tl.debug_barrier()
+            if n_groups == 1:  # up to FAN_IN splits: the last of them merges all into the output
+                ticket = tl.atomic_add(Tickets_ptr + grp, 1, sem="acq_rel", scope="gpu")
+                if ticket == n_live - 1:
+                    m_r, l_r, acc_r = _merge(Mws_ptr, Lws_ptr, Accws_ptr, grp * NUM_SPLITS * RGROUP, n_live, offs_d,
+                                             d_ok, REP, RGROUP, HEAD_DIM, BLOCK_D, FAN_IN, WHILE_LOOP)
+                    rr = tl.arange(0, RGROUP)
+                    _store_out(O_ptr, b, g * REP + rr, rr < REP, offs_d, d_ok, acc_r, l_r, stride_ob, stride_oh)
+                    tl.atomic_xchg(Tickets_ptr + grp, 0, sem="relaxed", scope="gpu")  # zero for the next launch
+            else:
+                # Two levels, so no single program merges more than FAN_IN (or NUM_GROUPS) partials: the last of
+                # each FAN_IN consecutive splits merges them into a group partial, the last group merger merges
+                # the group partials into the output. Both in a fixed order.
+                j = split // FAN_IN
+                in_group = tl.minimum(n_live - j * FAN_IN, FAN_IN)
+                t1 = Tickets_ptr + num_b * num_kv + grp * NUM_GROUPS + j
+                ticket = tl.atomic_add(t1, 1, sem="acq_rel", scope="gpu")
+                if ticket == in_group - 1:
+                    m_r, l_r, acc_r = _merge(Mws_ptr, Lws_ptr, Accws_ptr, (grp * NUM_SPLITS + j * FAN_IN) * RGROUP,
+                                             in_group, offs_d, d_ok, REP, RGROUP, HEAD_DIM, BLOCK_D, FAN_IN,
+                                             WHILE_LOOP)
+                    tl.atomic_xchg(t1, 0, sem="relaxed", scope="gpu")
+                    level2 = num_b * num_kv * NUM_SPLITS * RGROUP + grp * NUM_GROUPS * RGROUP
+                    rr = tl.arange(0, RGROUP)
+                    _store_partial(Mws_ptr, Lws_ptr, Accws_ptr, level2 + j * RGROUP, m_r, l_r, acc_r, rr, rr < REP,
+                                   offs_d, d_ok, HEAD_DIM)
+                    tl.debug_barrier()
+                    ticket = tl.atomic_add(Tickets_ptr + grp, 1, sem="acq_rel", scope="gpu")
+                    if ticket == n_groups - 1:
+                        m_r, l_r, acc_r = _merge(Mws_ptr, Lws_ptr, Accws_ptr, level2, n_groups, offs_d, d_ok, REP,
+                                                 RGROUP, HEAD_DIM, BLOCK_D, FAN_IN, WHILE_LOOP)
+                        _store_out(O_ptr, b, g * REP + rr, rr < REP, offs_d, d_ok, acc_r, l_r, stride_ob,
+                                   stride_oh)
+                        tl.atomic_xchg(Tickets_ptr + grp, 0, sem="relaxed", scope="gpu")
+    else:
+        if split == 0:
+            if length == 0:  # no key at all (never sent by the engine): out = 0, as decode_attention's kernels
+                _store_out(O_ptr, b, heads, row_ok, offs_d, d_ok, tl.zeros((GROUP, BLOCK_D), dtype=tl.float32),
+                           tl.zeros((GROUP,), dtype=tl.float32), stride_ob, stride_oh)
+
+
+@triton.jit
+def _store_partial(Mws_ptr, Lws_ptr, Accws_ptr, base, m_i, l_i, acc, rows, row_ok, offs_d, d_ok,
+                   HEAD_DIM: tl.constexpr):
+    """An unnormalised partial (m, l, acc) of the group's heads at workspace rows base + head."""
+    ws = base + rows
+    tl.store(Mws_ptr + ws, m_i, mask=row_ok)
+    tl.store(Lws_ptr + ws, l_i, mask=row_ok)
+    tl.store(Accws_ptr + ws[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_step(Mws_ptr, Lws_ptr, Accws_ptr, base, c0, count, m_run, l_run, acc_run, offs_d, d_ok,
+                REP: tl.constexpr, RGROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
+    """Partials c0 .. c0 + CHUNK (< count) of every head folded into the running (m, l, acc): one load of CHUNK x
+    RGROUP rows of HEAD_DIM fp32."""
+    sp = c0 + tl.arange(0, CHUNK)
+    rr = tl.arange(0, RGROUP)
+    ok = (sp < count)[:, None] & (rr < REP)[None, :]
+    idx = base + sp[:, None] * RGROUP + rr[None, :]  # (CHUNK, RGROUP)
+    # .cg: from L2, where the other SMs' partials are (never a line this SM's L1 kept from an earlier launch)
+    m_c = tl.load(Mws_ptr + idx, mask=ok, other=-1.0e30, cache_modifier=".cg")
+    l_c = tl.load(Lws_ptr + idx, mask=ok, other=0.0, cache_modifier=".cg")
+    a = tl.load(Accws_ptr + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+    m_new = tl.maximum(m_run, tl.max(m_c, 0))
+    alpha = tl.exp2(m_run - m_new)
+    w = tl.where(ok, tl.exp2(m_c - m_new[None, :]), 0.0)
+    l_run = l_run * alpha + tl.sum(w * l_c, 0)
+    acc_run = acc_run * alpha[:, None] + tl.sum(a * w[:, :, None], 0)
+    return m_new, l_run, acc_run
+
+
+@triton.jit
+def _merge(Mws_ptr, Lws_ptr, Accws_ptr, base, count, offs_d, d_ok, REP: tl.constexpr, RGROUP: tl.constexpr,
+           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """The log-sum-exp merge of `count` consecutive partials at workspace rows base + i * RGROUP + head, folded in
+    order 0, 1, ... (CHUNK at a time, the running max rescaled as in the attention loop): (m, l, acc) per head,
+    a function of the partials alone, so bitwise the same whichever program runs it."""
+    m_run = tl.full((RGROUP,), -1.0e30, dtype=tl.float32)
+    l_run = tl.zeros((RGROUP,), dtype=tl.float32)
+    acc_run = tl.zeros((RGROUP, BLOCK_D), dtype=tl.float32)
+    if WHILE_LOOP:  # the interpreter (see _attend_range)
+        c0 = 0
+        while c0 < count:
+            m_run, l_run, acc_run = _merge_step(Mws_ptr, Lws_ptr, Accws_ptr, base, c0, count, m_run, l_run, acc_run,
+                                                offs_d, d_ok, REP, RGROUP, HEAD_DIM, CHUNK)
+            c0 += CHUNK
+    else:
+        for c0 in range(0, count, CHUNK):
+            m_run, l_run, acc_run = _merge_step(Mws_ptr, Lws_ptr, Accws_ptr, base, c0, count, m_run, l_run, acc_run,
+                                                offs_d, d_ok, REP, RGROUP, HEAD_DIM, CHUNK)
+    return m_run, l_run, acc_run
+
+
 # ------------------------------------------------------------------------------------------------ host side
 
 @dataclass(frozen=True)
@@ -314,12 +555,24 @@ _DECODE_16 = Config(block_m=0, block_n=64, num_warps=4, num_stages=3)
 _DECODE_FP32 = Config(block_m=0, block_n=32, num_warps=16, num_stages=2)
 _NUM_SMS = 132  # H100 SXM and H200
 _MIN_PROGRAMS_FOR_LONG = 2 * _NUM_SMS
-# Decode splits: aim at two programs per SM (one CTA's softmax and MMAs overlap the other's loads), but never
-# below MIN_SPLIT keys per split: a split costs r x D x 4 B of fp32 partial written and read again (8rD) against
-# MIN_SPLIT x D x 4 B of bf16 K + V read, so 256 keys keep the reduction at 2r / 256 = 5-6% of the traffic.
+# Decode splits: aim at two programs per SM (one CTA's softmax and MMAs overlap the other's loads) at batch 1, at
+# any context length that has the key blocks for it. The minimum split is ONE key block (BLOCK_N keys), and a row's
+# blocks are dealt evenly to min(NUM_SPLITS, blocks) splits, so at batch 1 a row with >= NUM_SPLITS blocks keeps
+# all 2 x 132 programs busy, and a shorter one one program per block (a 1.6k context with 2 kv heads: 2 x 25
+# programs, where the former 256-key minimum gave 2 x 7). The price is the partials: a split costs r x D x 4 B of
+# fp32 written and read again (8rD bytes) against its keys' K + V (>= BLOCK_N x D x 2 x 2 B at 16 bits, BLOCK_N
+# 64: 256D), up to 2r / 64 = 19-25% more traffic at r = 6..8 when every split is one block. That only happens
+# while the context has fewer blocks than NUM_SPLITS (under ~8k keys at batch 1), where a step is bound by latency
+# and by how many SMs stream keys, not by bytes; from there on the share falls as 2r / (keys per split) (5% at
+# 32k). The old floor of 256 keys is _MIN_SPLIT_BLOCKS = 4 away.
 _DECODE_TARGET_PROGRAMS = 2 * _NUM_SMS
-_MIN_SPLIT = 256
+_MIN_SPLIT_BLOCKS = 1  # the smallest split, in key blocks
 _REDUCE_CHUNK = 16  # splits merged per reduce-loop step: 16 x 128 fp32 = 16 registers per thread at 4 warps
+# Rope + decode merge: one step loads _MERGE_ROWS (partial, head) rows of HEAD_DIM fp32, 64 x 128 = 64 registers per
+# thread at 4 warps (free by then: the attention loop is done); FAN_IN = _MERGE_ROWS / next_pow2(r) partials (8 at
+# r = 6..8), which is also the fan-in of the two-level merge: a 1.6k context at batch 1 (25 one-block splits per kv
+# head) merges in one step per group of 8 splits, then one step over the 4 group partials.
+_MERGE_ROWS = 64
 
 
 def pick_prefill_config(dtype: torch.dtype, lengths, heads: int) -> Config:
@@ -334,12 +587,13 @@ def pick_decode_config(dtype: torch.dtype) -> Config:
     return _DECODE_FP32 if dtype == torch.float32 else _DECODE_16
 
 
-def decode_num_splits(batch: int, kv_heads: int, max_len: int) -> int:
+def decode_num_splits(batch: int, kv_heads: int, max_len: int, block_n: int = _DECODE_16.block_n) -> int:
     """NUM_SPLITS from static shapes only (graph-capture safe): about _DECODE_TARGET_PROGRAMS programs, at most
-    one split per _MIN_SPLIT keys of the cache length, at least 1. Batch 1 of a 2-kv-head model with a 32k cache:
-    128 splits; batch 8 x 4 kv heads: 8; batch >= 66 x 4: 1 (no reduction kernel)."""
+    one split per _MIN_SPLIT_BLOCKS key blocks of the cache length, at least 1. Batch 1 of a 2-kv-head model with
+    an 8k or longer cache: 128-132 splits (whether a row fills them is up to its length, on the device: see
+    _split_range); batch 8 x 4 kv heads: 8; batch >= 66 x 4: 1 (no workspace, no merge)."""
     want = max(1, _DECODE_TARGET_PROGRAMS // max(1, batch * kv_heads))
-    return max(1, min(want, triton.cdiv(max_len, _MIN_SPLIT)))
+    return max(1, min(want, triton.cdiv(max_len, _MIN_SPLIT_BLOCKS * block_n)))
 
 
 def _block_d(d: int) -> int:
@@ -408,7 +662,7 @@ def _prefill_launch(q, k, v, tiles, scale, cfg: Config) -> torch.Tensor:
 
 
 def _decode_launch(q, k_cache, v_cache, slots, lengths, scale, num_splits: int, cfg: Config,
-                   min_split: int) -> torch.Tensor:
+                   min_blocks: int) -> torch.Tensor:
     b, hq, d = q.shape
     max_len, hkv = k_cache.shape[1], k_cache.shape[2]
     rep = hq // hkv
@@ -428,7 +682,7 @@ def _decode_launch(q, k_cache, v_cache, slots, lengths, scale, num_splits: int, 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         max_len, float(scale) * _LOG2E,
         REP=rep, GROUP=max(16, triton.next_power_of_2(rep)), HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=block_d == d,
-        BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits, MIN_SPLIT=min_split, PRECISION=_precision(q.dtype),
+        BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits, MIN_BLOCKS=min_blocks, PRECISION=_precision(q.dtype),
         WHILE_LOOP=_interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
@@ -456,14 +710,14 @@ def _(q, k, v, tiles, scale, block_m, block_n, num_warps, num_stages):
 @torch.library.custom_op("qwen2vl_fast::llm_decode_attention_triton", mutates_args=())
 def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                         lengths: torch.Tensor, scale: float, num_splits: int, block_n: int, num_warps: int,
-                        num_stages: int, min_split: int) -> torch.Tensor:
+                        num_stages: int, min_blocks: int) -> torch.Tensor:
     """The decode launch (split kernel + reduce kernel) as one graph node."""
     return _decode_launch(q, k_cache, v_cache, slots, lengths, scale, num_splits,
-                          Config(0, block_n, num_warps, num_stages), min_split)
+                          Config(0, block_n, num_warps, num_stages), min_blocks)
 
 
 @decode_attention_op.register_fake
-def _(q, k_cache, v_cache, slots, lengths, scale, num_splits, block_n, num_warps, num_stages, min_split):
+def _(q, k_cache, v_cache, slots, lengths, scale, num_splits, block_n, num_warps, num_stages, min_blocks):
     return q.new_empty(q.shape)
 
 
@@ -527,6 +781,118 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _block_d(q.shape[2])
     _check_int32_offsets(k_cache.shape[1], k_cache.select(0, 0), v_cache.select(0, 0))
     cfg = pick_decode_config(q.dtype)
-    splits = decode_num_splits(q.shape[0], k_cache.shape[2], k_cache.shape[1])
+    splits = decode_num_splits(q.shape[0], k_cache.shape[2], k_cache.shape[1], cfg.block_n)
     return decode_attention_op(q, k_cache, v_cache, slots, lengths, float(scale), splits, cfg.block_n,
-                               cfg.num_warps, cfg.num_stages, _MIN_SPLIT)
+                               cfg.num_warps, cfg.num_stages, _MIN_SPLIT_BLOCKS)
+
+
+# ------------------------------------------------------------------------------------------------ rope + decode host
+
+_COUNTERS: dict = {}  # device -> int32 tickets, one per (b, kv head), zero between launches
+_MIN_COUNTERS = 4096  # B x Hkv of any CUDA-graph bucket (256 x 8 = 2048) fits: the buffer never grows in a capture
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """The device's ticket buffer (cached: every launch leaves it zeroed, so CUDA-graph replays find it as they
+    need it). Kernels on one stream run in order; two streams must not run this kernel at once on one device."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if buf is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"rope_decode_attention: {n} ticket counters needed during CUDA-graph capture, "
+                               f"{buf.numel()} allocated: run the shape once before capturing")
+        buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def _rope_decode_launch(q, k, v, cos, sin, k_cache, v_cache, slots, lengths, scale, num_splits: int, cfg: Config,
+                        min_blocks: int, reverse: bool = False) -> torch.Tensor:
+    b, hq, d = q.shape
+    max_batch, max_len, hkv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+    rep = hq // hkv
+    out = _empty((b, hq, d), dtype=q.dtype, device=q.device)
+    if b == 0 or hq == 0:
+        return out
+    block_d = _block_d(d)
+    rgroup = triton.next_power_of_2(rep)
+    fan_in = max(1, _MERGE_ROWS // rgroup)
+    if num_splits > 1:
+        rows = b * hkv * (num_splits + triton.cdiv(num_splits, fan_in)) * rgroup  # splits' + level-1 partials
+        m_ws = _empty((rows,), dtype=torch.float32, device=q.device)
+        l_ws = _empty((rows,), dtype=torch.float32, device=q.device)
+        acc_ws = _empty((rows, d), dtype=torch.float32, device=q.device)
+        tickets = _counters(q.device, b * hkv * (1 + triton.cdiv(num_splits, fan_in)))
+    else:  # never touched: each program writes `out` itself
+        m_ws = l_ws = acc_ws = out
+        tickets = slots
+    _rope_decode_kernel[(b, hkv, num_splits)](
+        q, k, v, cos, sin, k_cache, v_cache, slots, lengths, out, m_ws, l_ws, acc_ws, tickets,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), out.stride(0), out.stride(1),
+        max_batch, max_len, float(scale) * _LOG2E,
+        REP=rep, GROUP=max(16, triton.next_power_of_2(rep)), RGROUP=rgroup, HEAD_DIM=d, HALF=d // 2,
+        BLOCK_D=block_d, EVEN_D=block_d == d, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits, MIN_BLOCKS=min_blocks,
+        FAN_IN=fan_in, PRECISION=_precision(q.dtype), WHILE_LOOP=_interpreting(), REVERSE=reverse,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        enable_fp_fusion=False,  # the rotary must round like torch's separate ops (see _rotate)
+    )
+    return out
+
+
+@torch.library.custom_op("qwen2vl_fast::llm_rope_decode_attention_triton", mutates_args=("k_cache", "v_cache"))
+def rope_decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                             lengths: torch.Tensor, scale: float, num_splits: int, block_n: int, num_warps: int,
+                             num_stages: int, min_blocks: int) -> torch.Tensor:
+    """The fused rope + cache write + decode launch (one kernel) as one graph node; writes k_cache / v_cache."""
+    return _rope_decode_launch(q, k, v, cos, sin, k_cache, v_cache, slots, lengths, scale, num_splits,
+                               Config(0, block_n, num_warps, num_stages), min_blocks)
+
+
+@rope_decode_attention_op.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, slots, lengths, scale, num_splits, block_n, num_warps, num_stages,
+      min_blocks):
+    return q.new_empty(q.shape)
+
+
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                          scale: float, *, num_splits: int | None = None, _reverse: bool = False) -> torch.Tensor:
+    """A decode step's attention in ONE launch: rotate q (B, Hq, D) and the new token's k (B, Hkv, D) by cos/sin
+    (B, D) (q's dtype), write the rotated k and v (B, Hkv, D) into k_cache / v_cache[slots[i], lengths[i] - 1],
+    attend over the lengths[i] keys of each row (the new one included) and merge the splits in the same launch.
+
+    Equals rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots, lengths - 1) then decode_attention(q_rot,
+    k_cache, v_cache, slots, lengths, scale); the cache is written bit-identically to rope_kv_write. q, k, v are
+    NOT modified (q and k are rotated in registers). Caches (max_batch, max_len, Hkv, D), Hq % Hkv == 0, D even;
+    any strides with a unit last-dim stride (q/k/v: views of the qkv projection output). slots: distinct rows;
+    lengths >= 1 (a row with length <= 0 gets 0 and no write; one past max_len is not written). slots and
+    lengths stay on the device: no host sync, CUDA-graph capturable. `num_splits` overrides the split count
+    (tests); `_reverse` reverses the grid's split order (tests: another program arrives last)."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] \
+            or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q must be (B, Hq, D) and k, v (B, Hkv, D) with Hq a multiple of Hkv; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(f"the caches must be (max_batch, max_len, {k.shape[1]}, {k.shape[2]}); got "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    b, _, d = q.shape
+    if cos.shape != (b, d) or sin.shape != (b, d) or cos.dtype != q.dtype or sin.dtype != q.dtype:
+        raise ValueError(f"cos and sin must be ({b}, {d}) {q.dtype}; got {tuple(cos.shape)} {cos.dtype}, "
+                         f"{tuple(sin.shape)} {sin.dtype}")
+    if slots.shape != (b,) or lengths.shape != (b,) or slots.is_floating_point() or lengths.is_floating_point():
+        raise ValueError(f"slots and lengths must be integer ({b},) tensors; got {slots.dtype} "
+                         f"{tuple(slots.shape)}, {lengths.dtype} {tuple(lengths.shape)}")
+    if d % 2:
+        raise ValueError(f"head_dim {d} must be even (rotate_half splits it in two)")
+    _check_float(q, k, v, cos, sin, k_cache, v_cache)
+    _block_d(d)
+    _check_int32_offsets(k_cache.shape[1], k_cache.select(0, 0), v_cache.select(0, 0))
+    cfg = pick_decode_config(q.dtype)
+    splits = num_splits or decode_num_splits(b, k_cache.shape[2], k_cache.shape[1], cfg.block_n)
+    if _reverse:
+        return _rope_decode_launch(q, k, v, cos, sin, k_cache, v_cache, slots, lengths, float(scale), splits, cfg,
+                                   _MIN_SPLIT_BLOCKS, reverse=True)
+    return rope_decode_attention_op(q, k, v, cos, sin, k_cache, v_cache, slots, lengths, float(scale), splits,
+                                    cfg.block_n, cfg.num_warps, cfg.num_stages, _MIN_SPLIT_BLOCKS)

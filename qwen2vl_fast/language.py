@@ -114,11 +114,10 @@ class LanguageModel:
         cos, sin = ops.mrope_cos_sin(rope_positions.view(1, 1, -1).expand(3, 1, -1), self.inv_freq,
                                      self.t.mrope_section, embeds.dtype)
         cos, sin = cos[0], sin[0]
-        write_at = lengths - 1
 
         def attend(i, q, k, v):
-            q, _ = ops.rope_kv_write(q, k, v, cos, sin, cache.k[i], cache.v[i], slots, write_at)
-            return ops.decode_attention(q, cache.k[i], cache.v[i], slots, lengths, self.scale)
+            # rotary + cache write at lengths - 1 + attention: one op (one kernel launch on Triton)
+            return ops.rope_decode_attention(q, k, v, cos, sin, cache.k[i], cache.v[i], slots, lengths, self.scale)
         return self._layers(embeds, attend)
 
     def _layers(self, embeds: torch.Tensor, attend) -> torch.Tensor:

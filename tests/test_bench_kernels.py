@@ -110,7 +110,8 @@ def test_llm_kernels_smoke(tmp_path, one_thread):
     result = _run(bench_llm_kernels, "llm_kernels", tmp_path, "--warmup", "0")
     rows = _check_rows(result)
     kernels = {c["kernel"].split(" ")[1] for c in result["cases"]}
-    assert kernels == {"prefill_attention", "decode_attention", "rope_kv_write", "add_rms_norm"}
+    assert kernels == {"prefill_attention", "decode_attention", "rope_kv_write", "add_rms_norm",
+                       "rope_decode_attention"}
     assert any(r["impl"] == "sdpa-math[gqa]" for r in rows)  # the first variant that runs is the one timed
 
 

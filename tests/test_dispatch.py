@@ -355,7 +355,7 @@ def test_engine_warmup_measures_prefill_and_decode_shapes(tiny_checkpoints, tmp_
     t = model.config.text
     assert ("linear", f"float32 M8 N{t.vocab_size} K{t.hidden_size}") not in keys  # only the last row's logits
     assert any(op == "linear" and key.startswith("float32 M1 ") for op, key in keys)  # decode, one row
-    assert any(op == "decode_attention" for op, _ in keys) and any(op == "prefill_attention" for op, _ in keys)
+    assert any(op == "rope_decode_attention" for op, _ in keys) and any(op == "prefill_attention" for op, _ in keys)
     assert (tmp_path / "dispatch.json").exists()
 
 

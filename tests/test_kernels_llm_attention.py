@@ -186,25 +186,26 @@ def decode_inputs(hq, hkv, d, dtype, device, contexts=CONTEXTS, slots=SLOTS, poi
 @pytest.mark.parametrize("hq, hkv, d", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_matches_reference(triton_device, monkeypatch, hq, hkv, d, dtype):
-    """Contexts 1..513 in slots [3, 0, 2, 5, 1] of a 600-key cache: 3 splits of 256 keys (513 ends one key
-    into the third; 200 leaves two empty). NaN-filled output and workspace: every row written, the empty splits'
-    unwritten acc rows never read."""
+    """Contexts 1..513 in slots [3, 0, 2, 5, 1] of a 600-key cache: up to 10 splits of whole key blocks, dealt
+    evenly (513 keys: its tail block alone in the last split; 5 and 1: one split, the rest empty). NaN-filled
+    output and workspace: every row written, the empty splits' unwritten acc rows never read."""
     q, kc, vc, slots, lengths = decode_inputs(hq, hkv, d, dtype, triton_device)
-    assert K.decode_num_splits(len(CONTEXTS), hkv, MAX_LEN) == 3
+    block_n = K.pick_decode_config(dtype).block_n
+    assert K.decode_num_splits(len(CONTEXTS), hkv, MAX_LEN, block_n) == min(264 // (5 * hkv), 600 // block_n + 1)
     monkeypatch.setattr(K, "_empty", nan_empty)
     ours = K.decode_attention(q, kc, vc, slots, lengths, d ** -0.5)
     check(ours, decode_reference(q, kc, vc, slots, lengths, d ** -0.5),
           decode_f64(q, kc, vc, slots, lengths, d ** -0.5))
 
 
-@pytest.mark.parametrize("splits, min_split", [(1, 256), (2, 256), (7, 1), (24, 1), (5, 100)],
-                         ids=["single", "two", "7x128", "24x64-mostly-empty", "unaligned-min"])
+@pytest.mark.parametrize("splits, min_blocks", [(1, 1), (2, 4), (7, 1), (24, 1), (5, 3)],
+                         ids=["single", "two", "7", "24-mostly-empty", "min-3-blocks"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_split_counts(triton_device, monkeypatch, splits, min_split, dtype):
-    """Whatever the split count and minimum size: one split (the direct-write path, no reduce kernel), split
-    sizes a multiple of the block, most splits empty, split starts not on a block boundary (min 100)."""
+def test_decode_split_counts(triton_device, monkeypatch, splits, min_blocks, dtype):
+    """Whatever the split count and minimum size: one split (the direct-write path, no reduce kernel), splits of
+    uneven block counts, most splits empty, a minimum of several blocks per split."""
     monkeypatch.setattr(K, "decode_num_splits", lambda *a: splits)
-    monkeypatch.setattr(K, "_MIN_SPLIT", min_split)
+    monkeypatch.setattr(K, "_MIN_SPLIT_BLOCKS", min_blocks)
     monkeypatch.setattr(K, "_empty", nan_empty)
     hq, hkv, d = 7, 1, 64
     q, kc, vc, slots, lengths = decode_inputs(hq, hkv, d, dtype, triton_device)
@@ -253,12 +254,41 @@ def test_decode_strided_q_and_cache(triton_device):
 
 
 def test_decode_num_splits_depends_on_static_shapes_only():
-    assert K.decode_num_splits(1, 2, 65536) == K._DECODE_TARGET_PROGRAMS // 2  # batch 1, 2B: a full GPU
-    assert K.decode_num_splits(1, 2, 32768) == 32768 // K._MIN_SPLIT
-    assert K.decode_num_splits(1, 2, 1000) == 4  # never below _MIN_SPLIT keys per split
+    assert K.decode_num_splits(1, 2, 32768) == K._DECODE_TARGET_PROGRAMS // 2  # batch 1, 2B: a full GPU
+    assert K.decode_num_splits(1, 2, 8192) == 8192 // 64  # at most one split per key block of the cache
+    assert K.decode_num_splits(1, 2, 1000) == 16
+    assert K.decode_num_splits(1, 2, 1000, block_n=32) == 32
     assert K.decode_num_splits(8, 4, 32768) == K._DECODE_TARGET_PROGRAMS // 32
     assert K.decode_num_splits(128, 4, 32768) == 1  # large batches: the direct-write path
     assert K.decode_num_splits(1, 8, 1) == 1
+
+
+def live_splits(length, splits, block_n, min_blocks=1):
+    """_split_range on the host: the non-empty splits of a row and their [lo, hi) keys."""
+    n_blocks = -(-length // block_n)
+    n_live = max(min(n_blocks // min_blocks, splits), 1)
+    spans = [((s * n_blocks // n_live) * block_n, min(((s + 1) * n_blocks // n_live) * block_n, length))
+             for s in range(n_live)]
+    return [(lo, hi) for lo, hi in spans if lo < hi]
+
+
+@pytest.mark.parametrize("hkv", [2, 4])
+def test_batch_1_fills_the_sms_once_the_context_has_the_blocks(hkv):
+    """At batch 1 the non-empty programs are min(NUM_SPLITS, key blocks) per kv head: one per block for short
+    contexts (a 1.6k context: 25 per kv head, no longer 7 of 256 keys), the whole target from NUM_SPLITS blocks on;
+    the splits tile [0, length) exactly, whole blocks each (only the last one ends in a partial block)."""
+    block_n, max_len = 64, 32768
+    splits = K.decode_num_splits(1, hkv, max_len, block_n)
+    assert splits * hkv >= K._DECODE_TARGET_PROGRAMS - hkv
+    for length in (1, 63, 64, 65, 1600, splits * block_n - 1, splits * block_n + 1, 20000, max_len):
+        spans = live_splits(length, splits, block_n)
+        assert len(spans) == min(splits, -(-length // block_n))
+        assert spans[0][0] == 0 and spans[-1][1] == length
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and all(lo % block_n == 0 for lo, _ in spans)
+        sizes = [-(-(hi - lo) // block_n) for lo, hi in spans]
+        assert max(sizes) - min(sizes) <= 1  # as even as whole blocks allow
+    assert len(live_splits(1600, splits, block_n)) * hkv == 25 * hkv
+    assert len(live_splits(20000, splits, block_n)) * hkv >= K._DECODE_TARGET_PROGRAMS - hkv
 
 
 class no_host_sync:
@@ -310,7 +340,7 @@ def test_registered_as_the_triton_implementations(triton_device):
 def test_custom_ops_trace_as_one_node(triton_device):
     """torch.compile sees each launch as one opaque node (register_fake gives the output's shape)."""
     q, kc, vc, slots, lengths = decode_inputs(12, 2, 64, torch.float32, triton_device, [5, 63], [2, 0])
-    args = (q, kc, vc, slots, lengths, 0.125, 3, 32, 4, 2, 256)
+    args = (q, kc, vc, slots, lengths, 0.125, 3, 32, 4, 2, 1)
     compiled = torch.compile(torch.ops.qwen2vl_fast.llm_decode_attention_triton, backend="aot_eager",
                              fullgraph=True)
     torch.testing.assert_close(compiled(*args), decode_reference(q, kc, vc, slots, lengths, 0.125), **FP32_TOL)
@@ -382,7 +412,7 @@ types = dict(io, Slots_ptr="*i64", Lengths_ptr="*i64", Mws_ptr="*fp32", Lws_ptr=
 for splits in (1, 8):
     out[f"decode_{splits}"] = build(K._decode_split_kernel, types, dict(
         REP=7, GROUP=16, HEAD_DIM=128, BLOCK_D=128, EVEN_D=True, BLOCK_N=K._DECODE_16.block_n, NUM_SPLITS=splits,
-        MIN_SPLIT=K._MIN_SPLIT, PRECISION="tf32", WHILE_LOOP=False), K._DECODE_16)
+        MIN_BLOCKS=K._MIN_SPLIT_BLOCKS, PRECISION="tf32", WHILE_LOOP=False), K._DECODE_16)
 out["reduce"] = build(K._decode_reduce_kernel, {"Mws_ptr": "*fp32", "Lws_ptr": "*fp32", "Accws_ptr": "*fp32",
                       "O_ptr": "*bf16"}, dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=132, SPLITS_POW2=256,
                       CHUNK=K._REDUCE_CHUNK), K.Config(0, 0, 4, 1))

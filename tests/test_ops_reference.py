@@ -301,7 +301,8 @@ def test_embedding(device, dtype):
 EXPECTED_OPS = {"layer_norm", "rms_norm", "add_rms_norm", "quick_gelu", "gelu", "silu_and_mul", "vision_rotary",
                 "mrope_cos_sin", "apply_rotary", "varlen_attention", "causal_attention", "patch_embed", "linear",
                 "embedding", "linear_act", "linear_swiglu", "patch_embed_frames", "add_layer_norm", "merger",
-                "rope_kv_write", "prefill_attention", "decode_attention", "sample", "quant_linear"}
+                "rope_kv_write", "prefill_attention", "decode_attention", "sample", "quant_linear",
+                "rope_decode_attention", "decode_rows", "decode_commit"}
 
 
 @pytest.fixture

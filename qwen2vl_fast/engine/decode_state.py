@@ -20,29 +20,33 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.sampling import counter_noise, greedy, split_seed
+from ..ops import step_state as F
+from ..ops.sampling import counter_noise, split_seed
 
 
 class DecodeState:
-    def __init__(self, language_model, cache, stop_token_ids, sample):
-        self.lm, self.cache, self.sample = language_model, cache, sample
+    def __init__(self, language_model, cache, stop_token_ids, ops):
+        self.lm, self.cache, self.ops = language_model, cache, ops
         n, dev = cache.max_batch, cache.k[0].device
         self.device = dev
-        z = lambda dtype: torch.zeros(n, dtype=dtype, device=dev)  # noqa: E731
-        self.last, self.length, self.delta = z(torch.long), z(torch.long), z(torch.long)
-        self.generated, self.max_new = z(torch.long), z(torch.long)
-        self.stop_on_eos = z(torch.bool)
-        self.done = torch.ones(n, dtype=torch.bool, device=dev)  # a free slot is done
-        self.temperature, self.top_p, self.penalty = z(torch.float32), z(torch.float32), z(torch.float32)
-        self.top_k, self.seed_hi, self.seed_lo = z(torch.long), z(torch.long), z(torch.long)
+        # ints: one row per slot, one column per field of ops/step_state.py; a free slot is done
+        self.ints = torch.zeros(n, F.INT_FIELDS, dtype=torch.long, device=dev)
+        self.ints[:, F.DONE] = 1
+        self.temperature, self.top_p, self.penalty = (torch.zeros(n, dtype=torch.float32, device=dev)
+                                                      for _ in range(3))
         self.stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=dev)
         self.seen = None  # (max_batch, vocab) bool, made at the first admission (the vocabulary comes from logits)
         # The step's inputs: rows and active flags (one upload when the batch changes), the padding length.
         self.rows = torch.arange(n, device=dev)
-        self.active = z(torch.bool)
+        self.active = torch.zeros(n, dtype=torch.bool, device=dev)
         self.pad_len = torch.ones(1, dtype=torch.long, device=dev)
-        self.out = z(torch.long)  # the step's tokens, rows [:bs]
+        self.out = torch.zeros(n, dtype=torch.long, device=dev)  # the step's tokens, rows [:bs]
         self.out_views = {bs: self.out[:bs] for bs in range(1, n + 1)}  # made once: a step slices nothing
+        self.row_views = {bs: (self.rows[:bs], self.active[:bs]) for bs in range(1, n + 1)}
+
+    def field(self, column: int) -> torch.Tensor:
+        """One field of every slot (a view of `ints`), e.g. field(F.GENERATED)."""
+        return self.ints[:, column]
 
     # -- host side: admission and batch changes (not per step) ---------------------------------------------
     def admit(self, slots, lengths, deltas, params, seeds, prompt_ids, logits) -> torch.Tensor:
@@ -52,23 +56,22 @@ class DecodeState:
         dev, b = self.device, len(slots)
         if self.seen is None:
             self.seen = torch.zeros(self.cache.max_batch, logits.shape[-1], dtype=torch.bool, device=dev)
-        halves = [split_seed(s) for s in seeds]
-        host = torch.tensor([[n, d, 0, params.max_new_tokens, int(not params.ignore_eos), params.top_k, hi, lo]
-                             for n, d, (hi, lo) in zip(lengths, deltas, halves)], dtype=torch.long)
+        host = torch.zeros(b, F.INT_FIELDS, dtype=torch.long)
+        for i, (n, d, seed) in enumerate(zip(lengths, deltas, seeds)):
+            host[i, F.LENGTH], host[i, F.DELTA] = n, d
+            host[i, F.SEED_HI], host[i, F.SEED_LO] = split_seed(seed)
+        host[:, F.MAX_NEW], host[:, F.STOP_ON_EOS] = params.max_new_tokens, int(not params.ignore_eos)
+        host[:, F.TOP_K] = params.top_k
         floats = torch.tensor([[params.temperature, params.top_p, params.repetition_penalty]] * b,
                               dtype=torch.float32)
         r = torch.tensor(slots, dtype=torch.long).to(dev)
-        host, floats = host.to(dev), floats.to(dev)
-        for buf, col in zip((self.length, self.delta, self.generated, self.max_new), host.unbind(1)[:4]):
-            buf[r] = col
-        self.stop_on_eos[r] = host[:, 4].bool()
-        self.top_k[r], self.seed_hi[r], self.seed_lo[r] = host[:, 5], host[:, 6], host[:, 7]
-        self.temperature[r], self.top_p[r], self.penalty[r] = floats.unbind(1)
-        self.done[r] = False
+        self.ints[r] = host.to(dev)
+        self.temperature[r], self.top_p[r], self.penalty[r] = floats.to(dev).unbind(1)
         rows = torch.zeros(b, self.seen.shape[1], dtype=torch.bool, device=dev)
         rows.scatter_(1, prompt_ids.to(dev), True)
         self.seen[r] = rows
-        return self.pick(logits, r, torch.ones(b, dtype=torch.bool, device=dev), params.temperature > 0)
+        out = torch.empty(b, dtype=torch.long, device=dev)
+        return self.pick(logits, r, torch.ones(b, dtype=torch.bool, device=dev), params.temperature > 0, out)
 
     def set_rows(self, rows: list, active: int) -> None:
         """The next steps' batch: rows (slots, a bucket's worth) of which the first `active` are sequences. One
@@ -96,30 +99,19 @@ class DecodeState:
     def step(self, bs: int, sampling: bool) -> torch.Tensor:
         """One decode step of rows [:bs]; returns the tokens (bs,) (a view of `out`). No host sync."""
         lm = self.lm
-        r = self.rows[:bs]
-        act = self.active[:bs] & ~self.done[r]
-        pos = torch.where(act, self.length[r], self.pad_len - 1)  # where this step's K/V go
-        tokens = torch.where(act, self.last[r], 0)
-        rope = torch.where(act, pos + self.delta[r], 0)
-        logits = lm.logits(lm.decode(lm.embed(tokens), rope, self.cache, r, pos + 1))
-        self.length[r] = self.length[r] + act.long()
-        out = self.out_views[bs]
-        out.copy_(self.pick(logits, r, act, sampling))
-        return out
+        r, active = self.row_views[bs]
+        tokens, rope, lengths, live = self.ops.decode_rows(self.ints, r, active, self.pad_len)
+        logits = lm.logits(lm.decode(lm.embed(tokens), rope, self.cache, r, lengths))
+        return self.pick(logits, r, live, sampling, self.out_views[bs])
 
-    def pick(self, logits: torch.Tensor, r: torch.Tensor, act: torch.Tensor, sampling: bool) -> torch.Tensor:
-        """Draw the next token of rows r from logits and update their state where `act`: last token, count,
-        done (an end-of-sequence token when it stops the row, or the token budget reached), seen."""
-        penalty, seen = self.penalty[r], self.seen[r]
+    def pick(self, logits: torch.Tensor, r: torch.Tensor, live: torch.Tensor, sampling: bool,
+             out: torch.Tensor) -> torch.Tensor:
+        """Draw the next token of rows r into `out` and record it where `live` (ops/step_state.py)."""
+        chosen = None  # greedy: the commit takes the penalised argmax itself (no noise, no vocabulary sort)
         if sampling:  # greedy rows of a sampling batch are still greedy (temperature 0 inside `sample`)
-            noise = counter_noise(self.seed_hi[r], self.seed_lo[r], self.generated[r], logits.shape[-1])
-            nxt = self.sample(logits, self.temperature[r], self.top_k[r], self.top_p[r], penalty, seen, noise)
-        else:  # no noise, no vocabulary sort
-            nxt = greedy(logits, penalty, seen)
-        count = self.generated[r] + act.long()
-        eos = (nxt.view(-1, 1) == self.stop_ids).any(-1) & self.stop_on_eos[r]
-        self.done[r] = self.done[r] | (act & (eos | (count >= self.max_new[r])))
-        self.last[r] = torch.where(act, nxt, self.last[r])
-        self.generated[r] = count
-        self.seen[r, nxt] = self.seen[r, nxt] | act
-        return nxt
+            ints = self.ints[r]
+            noise = counter_noise(ints[:, F.SEED_HI], ints[:, F.SEED_LO], ints[:, F.GENERATED], logits.shape[-1])
+            chosen = self.ops.sample(logits, self.temperature[r], ints[:, F.TOP_K], self.top_p[r], self.penalty[r],
+                                     self.seen[r], noise)
+        return self.ops.decode_commit(logits, chosen, self.ints, self.penalty, self.seen, self.stop_ids, r, live,
+                                      out)

@@ -80,7 +80,7 @@ class Engine:
         self.vision_cache = VisionCache(vision_cache_mb)
         tp = getattr(model, "tensor_parallel", None)
         sync = StepSync(tp.group) if tp is not None else None  # ranks run the same steps (step_sync.py)
-        state = DecodeState(model.language_model, self.cache, self.stop_token_ids, model.ops.sample)
+        state = DecodeState(model.language_model, self.cache, self.stop_token_ids, model.ops)
         self.graphs = DecodeGraphs(state) if cuda_graphs and model.device.type == "cuda" else None
         self.scheduler = Scheduler(model, self.cache, state, self.graphs or EagerSteps(state), self.vision_cache,
                                    max_queue, decode_text=self._decode if processor is not None else None, sync=sync)

@@ -284,8 +284,11 @@ class Scheduler:
     # -- prefill --------------------------------------------------------------------------------------------
     def _prefill(self, group: Group, slots: list) -> None:
         start = time.perf_counter()
+        p = group.params
+        seeds = group.seeds if group.seeds is not None else [_seed(p) for _ in slots]
         try:
             logits, deltas, ids = self._prefill_rows(group, slots)
+            first = self.state.admit(slots, group.lengths, deltas, p, seeds, ids, logits).tolist()
         except BaseException as error:  # noqa: BLE001 - the request fails, the engine serves the next
             with self.cond:
                 self.free_slots.extend(slots)
@@ -299,9 +302,6 @@ class Scheduler:
                 h._push_error(error)
             self.metrics.outcome("failed", len(group.handles))
             return
-        p = group.params
-        seeds = group.seeds if group.seeds is not None else [_seed(p) for _ in slots]
-        first = self.state.admit(slots, group.lengths, deltas, p, seeds, ids, logits).tolist()
         seqs = []
         for i, (h, slot) in enumerate(zip(group.handles, slots)):
             stop_text = TextStream(self.decode_text, p.stop) if p.stop and self.decode_text else None

@@ -60,6 +60,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return torch.einsum("bgrl,blgd->bgrd", probs, v).reshape(b, hq, d)
 
 
+@reference("rope_decode_attention")
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                          scale: float):
+    """A decode step's attention: rotate q (B, Hq, D) and the new k (B, Hkv, D), write k and v into the cache at
+    position lengths - 1 of rows `slots`, attend over the lengths (B,) valid keys -> (B, Hq, D). Exactly
+    rope_kv_write then decode_attention; writes k_cache / v_cache. Callers must not reuse q and k afterwards: the
+    reference and the fused kernel leave them as they are, but `auto` may run the unfused candidate below, which
+    rotates them in place (as rope_kv_write's kernel does)."""
+    q, _ = rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots, lengths - 1)
+    return decode_attention(q, k_cache, v_cache, slots, lengths, scale)
+
+
 # ------------------------------------------------------------------------------- fast implementations
 from .registry import implementation, triton_auto_on, triton_runs_on  # noqa: E402
 
@@ -94,3 +107,28 @@ def rope_kv_write_triton(q, k, v, cos, sin, k_cache, v_cache, slots, positions):
     from qwen2vl_fast.kernels.mrope import rope_kv_write as launch
 
     return launch(q, k, v, cos, sin, k_cache, v_cache, slots, positions)
+
+
+# ------------------------------------------------------ rope_decode_attention: Triton (kernels/llm_attention.py)
+from .registry import variant as _variant  # noqa: E402
+
+
+@_implementation("rope_decode_attention", "triton", runs_on=_triton_runs_on, auto_on=_triton_auto_on)
+def rope_decode_attention_triton(q, k, v, cos, sin, k_cache, v_cache, slots, lengths, scale: float):
+    """One launch per call: rotary of q and the new k, the cache write, flash-decoding and the split merge (last
+    program of each group, ticket counters). q, k, v untouched; no host sync, CUDA-graph capturable."""
+    from qwen2vl_fast.kernels.llm_attention import rope_decode_attention as launch
+
+    return launch(q, k, v, cos, sin, k_cache, v_cache, slots, lengths, scale)
+
+
+# A candidate of `auto` only: what the decoder ran before the fused kernel (rope_kv_write's Triton kernel, then the
+# Triton split + reduce decode attention), so the one-launch kernel wins a shape only by being measured faster
+# there. Like rope_kv_write's Triton implementation it rotates q and k IN PLACE (the decoder discards them; the
+# dispatch clones them per timed call: dispatch.MUTATED_ARGS).
+@_variant("rope_decode_attention", "triton-unfused", runs_on=_triton_runs_on, auto_on=_triton_auto_on)
+def rope_decode_attention_unfused(q, k, v, cos, sin, k_cache, v_cache, slots, lengths, scale: float):
+    # lengths - 1 is one more tiny kernel per layer than language.py used to run (once per step): ~1-2 us of
+    # device time on this candidate's side of the race
+    q, _ = rope_kv_write_triton(q, k, v, cos, sin, k_cache, v_cache, slots, lengths - 1)
+    return decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale)

@@ -41,7 +41,7 @@ TIE = 0.02  # a challenger must beat the default by more than 2% (timing noise o
 
 # Arguments an implementation writes in place and that must be fresh for every timed repetition. Ops that write
 # the KV cache write the same values at the same slots every time (idempotent) and need no copy.
-MUTATED_ARGS = {"vision_rotary": (0,)}
+MUTATED_ARGS = {"vision_rotary": (0,), "rope_decode_attention": (0, 1)}  # its unfused candidate rotates q, k in place
 # How far a candidate's floating-point result may be from the reference's (||a - ref|| / ||ref||): different
 # accumulation orders (split-K, tensor cores, TF32 for fp32 GEMMs) stay well inside; a wrong kernel is O(1) off.
 AGREE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
