@@ -8,8 +8,8 @@ Cases (weights (N, K) as nn.Linear stores them; M rows of activations), from the
 - LLM decode, M = 1 (`--llm-ms`), for 2B, 3B and 7B: fused qkv (with bias), o_proj, gate/up+SwiGLU, down.
 - lm_head at M = 1 and at the prefill M (`--prefill-m`, default 1600: the image's 1536 tokens + 64 text tokens).
 Candidates: ours-triton (kernels/gemm.py `linear` / `linear_act` / `linear_swiglu` through the op registry),
-ours-splitk (M <= 16, plain and SwiGLU: kernels/gemv_splitk.py, the split-K decode GEMV `auto` races; with
-ours-splitk-2pass, its two-kernel reduction, and at M = 1 ours-splitk-mma, its tensor-core tile, for tuning),
+ours-splitk and ours-splitk-2pass (M <= 16, plain and SwiGLU: kernels/gemv_splitk.py, the split-K decode GEMV with its
+reduction in the launch or in a second kernel, both raced by `auto`; at M = 1 ours-splitk-mma, its tensor-core tile),
 auto (`resolve("auto")`: the runtime's measured dispatch, by construction the faster of its candidates; its
 first call measures them, outside the timing), torch-eager (the op's reference: cuBLAS `F.linear` with its bias
 epilogue, plus the separate activation where ours fuses one) and torch-compile (that reference compiled, for the
@@ -197,8 +197,9 @@ def gemm_case(named: NamedShape, dtype, device, auto, compile_ok: bool) -> compa
 
 
 def splitk_candidates(s: GemmShape, dtype, device, make, tag="", interpreted: bool = False) -> dict:
-    """The split-K decode GEMV (kernels/gemv_splitk.py) at M <= 16: "ours-splitk" is the candidate `auto` races (the
-    op's "triton-splitk" variant); "ours-splitk-2pass" its two-kernel reduction and, at M = 1, "ours-splitk-mma" its
+    """The split-K decode GEMV (kernels/gemv_splitk.py) at M <= 16: "ours-splitk" and "ours-splitk-2pass" are the
+    candidates `auto` races (the op's "triton-splitk" variants: reduced in the launch, or by a second kernel); at
+    M = 1 "ours-splitk-mma" its
     tensor-core tile in place of the CUDA-core GEMV: the alternatives a GPU run compares for tuning. On CUDA (where
     `auto` races it), or under the interpreter with `interpreted` (tests)."""
     from qwen2vl_fast.ops.registry import triton_auto_on, triton_runs_on
@@ -208,11 +209,9 @@ def splitk_candidates(s: GemmShape, dtype, device, make, tag="", interpreted: bo
         return {}
     from qwen2vl_fast.kernels import gemv_splitk as gs
 
-    out = {"ours-splitk": compare.Candidate(get_op(s.op).variants["triton-splitk"][0], make, "ours", tag)}
-
-    def two_pass(x, w, b):
-        return gs.gemv_splitk(x, w, b, s.act, reduce="pass")
-    out["ours-splitk-2pass"] = compare.Candidate(two_pass, make, "ours", tag)
+    variants = get_op(s.op).variants
+    out = {"ours-splitk": compare.Candidate(variants["triton-splitk"][0], make, "ours", tag),
+           "ours-splitk-2pass": compare.Candidate(variants["triton-splitk-2pass"][0], make, "ours", tag)}
     if s.m == 1:
         mma = gs.pick_config(2, s.n_out, s.k, dtype, s.act)  # the 16-row tensor-core tile and its plan
 

@@ -290,7 +290,7 @@ def test_custom_op_traces_as_one_node(triton_device):
     x, w, b = make(4, 32, 24, "swiglu", torch.float32, triton_device)
     compiled = torch.compile(lambda x, w, b: gs.linear_swiglu(x, w, b) + 1, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, w, b), gs.linear_swiglu(x, w, b) + 1)
-    torch.library.opcheck(torch.ops.qwen2vl_fast.gemv_splitk.default, (x, w, b, "none"),
+    torch.library.opcheck(torch.ops.qwen2vl_fast.gemv_splitk.default, (x, w, b, "none", "kernel"),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -298,12 +298,33 @@ def test_registered_as_a_raced_candidate_on_cuda_only():
     """A variant of linear and linear_swiglu: raced by `auto` on CUDA next to cuBLAS and the Triton GEMM, never a
     backend picked by name, never the untuned default."""
     for op in ("linear", "linear_swiglu"):
-        assert "triton-splitk" in get_op(op).variants
+        assert {"triton-splitk", "triton-splitk-2pass"} <= set(get_op(op).variants)
         cuda = get_op(op).candidates(torch.device("cuda"))
-        assert {"torch", "triton", "triton-splitk"} <= set(cuda)
+        assert {"torch", "triton", "triton-splitk", "triton-splitk-2pass"} <= set(cuda)
         assert get_op(op).untuned(cuda) == "torch"
-        assert "triton-splitk" not in get_op(op).candidates(torch.device("cpu"), interpreted=True)
-        assert "triton-splitk" not in get_op(op).implementations()
+        for name in ("triton-splitk", "triton-splitk-2pass"):
+            assert name not in get_op(op).candidates(torch.device("cpu"), interpreted=True)
+            assert name not in get_op(op).implementations()
+
+
+@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+def test_the_two_candidates_reduce_in_one_and_two_launches(triton_device, monkeypatch, epilogue):
+    """triton-splitk: one kernel (the decode layer's budget); triton-splitk-2pass: two; equal results."""
+    import triton.runtime.interpreter as interpreter
+
+    if not hasattr(interpreter, "InterpretedFunction") or triton_device.type != "cpu":
+        pytest.skip("counts launches at the Triton interpreter's entry")
+    launches = []
+    real = interpreter.InterpretedFunction.run
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run",
+                        lambda fn, *a, **k: (launches.append(fn.fn.__name__), real(fn, *a, **k))[1])
+    op = "linear_swiglu" if epilogue == "swiglu" else "linear"
+    x, w, b = make(1, 4096, 64, epilogue, torch.float32, triton_device)
+    one = get_op(op).variants["triton-splitk"][0](x, w, b)
+    n_one, launches[:] = len(launches), []
+    two = get_op(op).variants["triton-splitk-2pass"][0](x, w, b)
+    assert (n_one, len(launches)) == (1, 2)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
 
 
 def test_dispatch_races_it_per_shape(triton_device, tmp_path, monkeypatch):

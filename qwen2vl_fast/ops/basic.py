@@ -131,8 +131,8 @@ def linear_swiglu_cublas_triton(x, weight, bias):
 
 
 # ------------------------------------------------------------------------- split-K decode GEMV (kernels/gemv_splitk.py)
-# A candidate of `auto` only, for M <= 16 rows (decode): K split so the column tiles x splits fill one wave of
-# resident CTAs, reduced in a fixed order (deterministic). It raises for M > 16, so it never wins a prefill shape.
+# Candidates of `auto` only, for M <= 16 rows (decode): K split so the column tiles x splits fill one wave of
+# resident CTAs, reduced in a fixed order (deterministic), in the same launch or in a second one. It raises for M > 16, so it never wins a prefill shape.
 # Raced on CUDA only: kept out of the interpreted race (runs_on = auto_on) so the CPU dispatch tests keep their
 # candidate lists; tests/test_kernels_gemv_splitk.py races it under the interpreter itself.
 
@@ -148,3 +148,18 @@ def linear_swiglu_gemv_splitk(x, weight, bias):
     from qwen2vl_fast.kernels.gemv_splitk import linear_swiglu as _k
 
     return _k(x, weight, bias)
+
+
+# The same with the reduction in a second kernel (correct whatever the GPU's memory ordering; see gemv_splitk.py)
+@variant("linear", "triton-splitk-2pass", runs_on=triton_auto_on, auto_on=triton_auto_on)
+def linear_gemv_splitk_2pass(x, weight, bias=None):
+    from qwen2vl_fast.kernels.gemv_splitk import linear as _k
+
+    return _k(x, weight, bias, reduce="pass")
+
+
+@variant("linear_swiglu", "triton-splitk-2pass", runs_on=triton_auto_on, auto_on=triton_auto_on)
+def linear_swiglu_gemv_splitk_2pass(x, weight, bias):
+    from qwen2vl_fast.kernels.gemv_splitk import linear_swiglu as _k
+
+    return _k(x, weight, bias, reduce="pass")
