@@ -142,8 +142,8 @@ def rope_decode_attention_cases(s, sizes, device, dtype, auto):
 
             def make(b=b, ctx=ctx, slots=slots, lengths=lengths):
                 q, k, v, cos, sin = (torch.randn(b, n, d, device=device, dtype=dtype) for n in (hq, hkv, hkv, 1, 1))
-                return (q, k, v, cos.view(b, d), sin.view(b, d), torch.randn(b, ctx, hkv, d, device=device, dtype=dtype),
-                        torch.randn(b, ctx, hkv, d, device=device, dtype=dtype), slots, lengths, d ** -0.5)
+                cache = [torch.randn(b, ctx, hkv, d, device=device, dtype=dtype) for _ in range(2)]
+                return (q, k, v, cos.view(b, d), sin.view(b, d), *cache, slots, lengths, d ** -0.5)
             cands = _ours("rope_decode_attention", device, auto, make)
             cands["reference"] = compare.Candidate(get_op("rope_decode_attention").reference, make)
             if "ours-triton" in cands:

@@ -20,8 +20,8 @@ DEV = torch.device(TEST_DEVICE)
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch, triton_device):
     def poisoned(shape, dtype=None, device=None):
-        return torch.full((shape,) if isinstance(shape, int) else shape, True if dtype == torch.bool else -7, dtype=dtype,
-                          device=device)
+        size = (shape,) if isinstance(shape, int) else shape
+        return torch.full(size, True if dtype == torch.bool else -7, dtype=dtype, device=device)
 
     monkeypatch.setattr(ds, "_empty", poisoned)
 

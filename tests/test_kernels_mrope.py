@@ -357,8 +357,9 @@ def test_registry_picks_triton(triton_device):
 
 
 def test_engine_generates_the_same_tokens_with_the_triton_cache_write(tiny_checkpoints, triton_device, monkeypatch):
-    """language.py's prefill and decode on rope_kv_write's Triton kernel (in place on the qkv views), the rest on
-    the references: the same greedy tokens as the all-torch engine (bit-identical rotary and cache)."""
+    """language.py's prefill on rope_kv_write's Triton kernel (in place on the qkv views; decode runs the fused
+    rope_decode_attention op, whose reference composes rope_kv_write's), the rest on the references: the same
+    greedy tokens as the all-torch engine (bit-identical rotary and cache)."""
     from qwen2vl_fast.engine import Engine
 
     path = tiny_checkpoints["tiny-qwen2.5-vl"]
