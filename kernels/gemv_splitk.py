@@ -63,6 +63,7 @@ import triton
 import triton.language as tl
 
 from .gemm import SWIGLU, _epilogue, _num_sms, _stride_align, as_rows, check_linear_args
+from .tile_plans import ticket_counters
 
 _empty = torch.empty  # output / partial-sum allocation; the tests swap in a NaN-filled allocator
 
@@ -336,14 +337,7 @@ _MIN_COUNTERS = 4096  # a split plan has tiles <= slots / 2 (a few hundred); for
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if buf is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"gemv_splitk: {n} split-K counters needed during CUDA-graph capture, "
-                               f"{buf.numel()} allocated: run the shape once before capturing")
-        buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    return ticket_counters(_COUNTERS, device, n, _MIN_COUNTERS, "gemv_splitk")
 
 
 def gemv_splitk(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, epilogue: str = "none",

@@ -82,7 +82,7 @@ import triton.language as tl
 
 from qwen2vl_fast.errors import BackendError
 
-from .tile_plans import TileTables, memoized_plan
+from .tile_plans import TileTables, memoized_plan, ticket_counters
 
 _LOG2E = 1.4426950408889634
 _empty = torch.empty  # output / workspace allocation; the tests swap in a NaN-filled allocator
@@ -793,16 +793,7 @@ _MIN_COUNTERS = 4096  # B x Hkv of any CUDA-graph bucket (256 x 8 = 2048) fits: 
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """The device's ticket buffer (cached: every launch leaves it zeroed, so CUDA-graph replays find it as they
-    need it). Kernels on one stream run in order; two streams must not run this kernel at once on one device."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if buf is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"rope_decode_attention: {n} ticket counters needed during CUDA-graph capture, "
-                               f"{buf.numel()} allocated: run the shape once before capturing")
-        buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    return ticket_counters(_COUNTERS, device, n, _MIN_COUNTERS, "rope_decode_attention")
 
 
 def _rope_decode_launch(q, k, v, cos, sin, k_cache, v_cache, slots, lengths, scale, num_splits: int, cfg: Config,

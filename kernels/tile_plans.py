@@ -1,4 +1,5 @@
-"""Per-batch metadata shared by the packed-sequence attention kernels (ViT varlen, LLM prefill).
+"""Per-batch metadata shared by the packed-sequence attention kernels (ViT varlen, LLM prefill), and the ticket
+counters of the in-launch reductions (split-K GEMV, decode attention, the CUDA quantized decode GEMM).
 
 A batch's tile tables are built on the host from the host lengths, once per BLOCK_M, and copied to the
 device from pinned memory without a sync; a plan is memoised on its VarlenMeta's identity for as long as the
@@ -43,3 +44,19 @@ def memoized_plan(store: dict, meta, device, make):
         store[key] = plan
         weakref.finalize(meta, store.pop, key, None)
     return plan
+
+
+def ticket_counters(store: dict, device: torch.device, n: int, minimum: int, owner: str) -> torch.Tensor:
+    """A device's int32 ticket counters for in-launch reductions (the last program of a group to take a ticket
+    reduces it, and resets its counter), cached in `store` per device: every launch leaves them zeroed, so the next
+    launch and every CUDA-graph replay find them as they need them. At least `minimum`, grown (outside a graph
+    capture only: a capture cannot allocate what its replays then read) when a launch needs `n`. Kernels of one
+    stream run in order; two streams must not run the owner's kernels at once on one device."""
+    buf = store.get(device)
+    if buf is None or buf.numel() < n:
+        if buf is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{owner}: {n} ticket counters needed during CUDA-graph capture, {buf.numel()} "
+                               f"allocated: run the shape once before capturing")
+        buf = torch.zeros(max(n, minimum), dtype=torch.int32, device=device)
+        store[device] = buf
+    return buf

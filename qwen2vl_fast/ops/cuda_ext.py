@@ -106,11 +106,9 @@ def decode_kernel_supports(cfg) -> bool:
 
 
 def _counters(device: torch.device, tiles: int) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < tiles:
-        buf = torch.zeros(max(tiles, _COUNTERS_MIN), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    from qwen2vl_fast.kernels.tile_plans import ticket_counters
+
+    return ticket_counters(_COUNTERS, device, tiles, _COUNTERS_MIN, "quant decode GEMM")
 
 
 def decode_gemm(x2: torch.Tensor, w, bias=None, kernel: str = "quant_gemm_decode") -> torch.Tensor:
