@@ -110,6 +110,7 @@ class Scheduler:
         # Two pinned token buffers: step n+1 copies into one while the host reads step n's from the other.
         self.host_tokens = [torch.zeros(n, dtype=torch.long, pin_memory=self.on_cuda) for _ in range(2)]
         self.host_views = [{bs: buf[:bs] for bs in steps.buckets} for buf in self.host_tokens]
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.on_cuda else [None, None]  # one per buffer
         self.flip = 0
         self.sync = sync  # StepSync under tensor parallelism
         self.stopped = False  # a led follower's stop plan went out (rank 0) / came in
@@ -356,12 +357,10 @@ class Scheduler:
             self.state.set_rows(list(key[0]) + spare, b)
             self.batch_key = key
         out = self.steps.replay(bs, any(s.sampling for s in seqs))
-        tokens = self.host_views[self.flip][bs]
+        tokens, event = self.host_views[self.flip][bs], self.events[self.flip]
         self.flip ^= 1
         tokens.copy_(out, non_blocking=True)
-        event = None
-        if self.on_cuda:
-            event = torch.cuda.Event()
+        if event is not None:  # re-recorded only after the host has read this buffer's previous step
             event.record()
         for s in seqs:
             s.cache_len += 1
