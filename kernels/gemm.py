@@ -70,6 +70,23 @@ def _epilogue(acc, ACT: tl.constexpr):
 
 
 @triton.jit
+def _finish(acc, acc_up, B, Y, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    """Bias, epilogue, one rounding, store: acc (and acc_up for SWIGLU) are complete fp32 sums (shared with
+    gemv_splitk.py)."""
+    cols = tl.minimum(offs_n, N - 1)
+    if HAS_BIAS:
+        acc += tl.load(B + cols).to(tl.float32)[None, :]
+        if ACT == 3:
+            acc_up += tl.load(B + N + cols).to(tl.float32)[None, :]
+    if ACT == 3:
+        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up
+    else:
+        acc = _epilogue(acc, ACT)
+    y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
 def _gemm_kernel(
     X, W, B, Y,
     M, N,  # N: output columns (I for SWIGLU, where w holds 2N rows)
@@ -116,17 +133,9 @@ def _gemm_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    if HAS_BIAS:
-        acc += tl.load(B + cols).to(tl.float32)[None, :]
-        if ACT == 3:
-            acc_up += tl.load(B + N + cols).to(tl.float32)[None, :]
-    if ACT == 3:
-        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up
-    else:
-        acc = _epilogue(acc, ACT)
-
-    y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    if ACT != 3:
+        acc_up = acc  # unused: _finish reads it for SWIGLU only
+    _finish(acc, acc_up, B, Y, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ACT)
 
 
 class GemmConfig(NamedTuple):

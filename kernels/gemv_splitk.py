@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import SWIGLU, _epilogue, _num_sms, _stride_align, as_rows, check_linear_args
+from .gemm import SWIGLU, _finish, _num_sms, _stride_align, as_rows, check_linear_args
 from .tile_plans import ticket_counters
 
 _empty = torch.empty  # output / partial-sum allocation; the tests swap in a NaN-filled allocator
@@ -74,19 +74,16 @@ MIN_BLOCKS_PER_SPLIT = 2
 
 
 @triton.jit
-def _finish(acc, acc_up, B, Y, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
-    """Bias, epilogue, one rounding, store: acc (and acc_up for SWIGLU) are complete fp32 sums."""
-    cols = tl.minimum(offs_n, N - 1)
-    if HAS_BIAS:
-        acc += tl.load(B + cols).to(tl.float32)[None, :]
-        if ACT == 3:
-            acc_up += tl.load(B + N + cols).to(tl.float32)[None, :]
-    if ACT == 3:
-        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up
+def _planes(P, offs_m, offs_n, M, N, DUAL: tl.constexpr):
+    """The tile's pointers into split plane 0 of the partial sums (a plane is M rows of N, or 2N for SWIGLU's
+    gate | up), their mask, and the plane stride: split s is at p_ptrs + s * plane (+ N for the up half)."""
+    if DUAL:
+        n_planar = 2 * N
     else:
-        acc = _epilogue(acc, ACT)
-    y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        n_planar = N
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    p_ptrs = P + offs_m.to(tl.int64)[:, None] * n_planar + offs_n[None, :]
+    return p_ptrs, mask, tl.cast(M, tl.int64) * n_planar
 
 
 @triton.jit
@@ -199,13 +196,7 @@ def _gemv_splitk_kernel(
     if REDUCE == 0:
         _finish(acc, acc_up, B, Y, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ACT)
     else:
-        if DUAL:
-            n_planar = 2 * N
-        else:
-            n_planar = N
-        plane = tl.cast(M, tl.int64) * n_planar
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        p_ptrs = P + offs_m.to(tl.int64)[:, None] * n_planar + offs_n[None, :]
+        p_ptrs, mask, plane = _planes(P, offs_m, offs_n, M, N, DUAL)
         tl.store(p_ptrs + pid_k * plane, acc, mask=mask)
         if DUAL:
             tl.store(p_ptrs + pid_k * plane + N, acc_up, mask=mask)
@@ -226,13 +217,7 @@ def _gemv_reduce_kernel(P, B, Y, M, N, stride_ym, SPLIT: tl.constexpr, HAS_BIAS:
     DUAL: tl.constexpr = ACT == 3
     offs_m = tl.program_id(1) + tl.arange(0, 1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if DUAL:
-        n_planar = 2 * N
-    else:
-        n_planar = N
-    plane = tl.cast(M, tl.int64) * n_planar
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    p_ptrs = P + offs_m.to(tl.int64)[:, None] * n_planar + offs_n[None, :]
+    p_ptrs, mask, plane = _planes(P, offs_m, offs_n, M, N, DUAL)
     acc, acc_up = _sum_planes(p_ptrs, mask, plane, N, SPLIT, DUAL, 1, BLOCK_N)
     _finish(acc, acc_up, B, Y, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ACT)
 

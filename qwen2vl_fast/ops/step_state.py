@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .registry import implementation, reference, triton_auto_on, triton_runs_on
-from .sampling import penalize
+from .sampling import greedy
 
 # columns of `ints`
 LAST, LENGTH, DELTA, GENERATED, MAX_NEW, STOP_ON_EOS, DONE, TOP_K, SEED_HI, SEED_LO = range(10)
@@ -40,7 +40,7 @@ def decode_commit(logits: torch.Tensor, chosen, ints: torch.Tensor, penalty: tor
     repetition-penalised logits (bs, vocab); else chosen (bs,) int64 (a sampler's draw). Live rows then record
     it: last token, one more generated, done when it is in stop_ids (and the row stops on them) or the budget
     is reached, seen. Writes the tokens into out (bs,) int64 and returns it; dead rows' state is unchanged."""
-    nxt = penalize(logits, penalty[rows], seen[rows]).argmax(dim=-1) if chosen is None else chosen
+    nxt = greedy(logits, penalty[rows], seen[rows]) if chosen is None else chosen
     count = ints[rows, GENERATED] + live.long()
     eos = (nxt.view(-1, 1) == stop_ids).any(-1) & (ints[rows, STOP_ON_EOS] != 0)
     ints[rows, DONE] = ((ints[rows, DONE] != 0) | (live & (eos | (count >= ints[rows, MAX_NEW])))).long()
