@@ -10,6 +10,10 @@ storage-less CUDA tensors: tests/test_cuda_ext.py::test_cuda_kernels_reject_bad_
 raises. Each case below runs in its own process (a crash loses only that case) and separates the two: views without
 integers, integers without views, the Meta kernels (same checks, no CUDA), a libtorch error with integers.
 
+Since then the bindings build every message with msg() (csrc/binding_utils.h: std::to_string, no iostreams), so
+the integer explanation is answered in code: if every case now raises, that was it (or the crash went with it);
+a view case that still crashes while its contiguous twin raises points at the views.
+
     python bench/diagnose_cuda_ext_errors.py            # the table, and a JSON with the environment ($OUT if set)
     python bench/diagnose_cuda_ext_errors.py --case NAME  # one case in this process (what the driver runs)
 

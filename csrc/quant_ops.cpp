@@ -21,38 +21,38 @@ namespace {
 std::array<int64_t, 3> check_quant_decode(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                           const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
                                           int64_t bits, int64_t group_size) {
-  TORCH_CHECK(bits == 4 || bits == 8, "quant_gemm_decode: bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(x.dim() == 2, "quant_gemm_decode: x must be (M, K), got shape ", x.sizes());
+  TORCH_CHECK(bits == 4 || bits == 8, msg("quant_gemm_decode: bits must be 4 or 8, got ", bits));
+  TORCH_CHECK(x.dim() == 2, msg("quant_gemm_decode: x must be (M, K), got shape ", x.sizes()));
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "quant_gemm_decode: x must be float16 or bfloat16 (tensor-core operands), got ", x.scalar_type());
+              msg("quant_gemm_decode: x must be float16 or bfloat16 (tensor-core operands), got ", x.scalar_type()));
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt,
-              "quant_gemm_decode: qweight must be int32 (K * bits / 32, N), got ", qweight.scalar_type(), " ",
-              qweight.sizes());
+              msg("quant_gemm_decode: qweight must be int32 (K * bits / 32, N), got ", qweight.scalar_type(), " ",
+                  qweight.sizes()));
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(1), per_word = 32 / bits, step = 4 * per_word;
-  TORCH_CHECK(qweight.size(0) * per_word == k, "quant_gemm_decode: qweight's ", qweight.size(0), " rows hold ",
-              qweight.size(0) * per_word, " inputs of ", bits, " bits, x has K = ", k);
-  TORCH_CHECK(m <= 16, "quant_gemm_decode: at most 16 rows (the decode regime), got ", m);
-  TORCH_CHECK(n % 8 == 0 && n > 0, "quant_gemm_decode: N must be a positive multiple of 8, got ", n);
-  TORCH_CHECK(k % step == 0 && k > 0, "quant_gemm_decode: K must be a positive multiple of ", step, " for ", bits,
-              "-bit weights, got ", k);
+  TORCH_CHECK(qweight.size(0) * per_word == k, msg("quant_gemm_decode: qweight's ", qweight.size(0), " rows hold ",
+                  qweight.size(0) * per_word, " inputs of ", bits, " bits, x has K = ", k));
+  TORCH_CHECK(m <= 16, msg("quant_gemm_decode: at most 16 rows (the decode regime), got ", m));
+  TORCH_CHECK(n % 8 == 0 && n > 0, msg("quant_gemm_decode: N must be a positive multiple of 8, got ", n));
+  TORCH_CHECK(k % step == 0 && k > 0, msg("quant_gemm_decode: K must be a positive multiple of ", step, " for ", bits,
+                  "-bit weights, got ", k));
   const int64_t group = group_size == -1 ? k : group_size;
-  TORCH_CHECK(group > 0 && k % group == 0 && group % step == 0, "quant_gemm_decode: group_size ", group_size,
-              " must be -1 or divide K = ", k, " and be a multiple of ", step);
+  TORCH_CHECK(group > 0 && k % group == 0 && group % step == 0, msg("quant_gemm_decode: group_size ", group_size,
+                  " must be -1 or divide K = ", k, " and be a multiple of ", step));
   for (const at::Tensor* t : {&scales, &zeros}) {
     const char* name = t == &scales ? "scales" : "zeros";
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "quant_gemm_decode: ", name, " must be ", x.scalar_type(),
-                " like x, got ", t->scalar_type());
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == k / group && t->size(1) == n, "quant_gemm_decode: ", name,
-                " must be (K / group, N) = (", k / group, ", ", n, "), got ", t->sizes());
-    TORCH_CHECK(t->is_contiguous(), "quant_gemm_decode: ", name, " must be contiguous");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), msg("quant_gemm_decode: ", name, " must be ", x.scalar_type(),
+                    " like x, got ", t->scalar_type()));
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == k / group && t->size(1) == n, msg("quant_gemm_decode: ", name,
+                    " must be (K / group, N) = (", k / group, ", ", n, "), got ", t->sizes()));
+    TORCH_CHECK(t->is_contiguous(), msg("quant_gemm_decode: ", name, " must be contiguous"));
   }
   TORCH_CHECK(qweight.is_contiguous(), "quant_gemm_decode: qweight must be contiguous");
-  TORCH_CHECK(x.stride(1) == 1, "quant_gemm_decode: x's rows must be contiguous, got strides ", x.strides());
+  TORCH_CHECK(x.stride(1) == 1, msg("quant_gemm_decode: x's rows must be contiguous, got strides ", x.strides()));
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == x.scalar_type() &&
                     bias->is_contiguous(),
-                "quant_gemm_decode: bias must be a contiguous (", n, ",) ", x.scalar_type(), " tensor, got ",
-                bias->scalar_type(), " ", bias->sizes());
+                msg("quant_gemm_decode: bias must be a contiguous (", n, ",) ", x.scalar_type(), " tensor, got ",
+                    bias->scalar_type(), " ", bias->sizes()));
   }
   return {m, n, k};
 }
@@ -66,11 +66,12 @@ using LaunchFn = int (*)(const void*, int64_t, const int32_t*, const void*, cons
 at::Tensor run_decode(WorkspaceFn workspace, LaunchFn launch, const at::Tensor& x, const at::Tensor& qweight,
                       const at::Tensor& scales, const at::Tensor& zeros, const std::optional<at::Tensor>& bias,
                       int64_t bits, int64_t group_size, at::Tensor& counters) {
-  TORCH_CHECK(x.is_cuda(), "quant_gemm_decode: x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.is_cuda(), msg("quant_gemm_decode: x must be a CUDA tensor, got ", x.device()));
   for (const at::Tensor* t : {&qweight, &scales, &zeros, static_cast<const at::Tensor*>(&counters)})
-    TORCH_CHECK(t->device() == x.device(), "quant_gemm_decode: every tensor must be on ", x.device(), ", got ",
-                t->device());
-  TORCH_CHECK(!bias.has_value() || bias->device() == x.device(), "quant_gemm_decode: bias must be on ", x.device());
+    TORCH_CHECK(t->device() == x.device(), msg("quant_gemm_decode: every tensor must be on ", x.device(), ", got ",
+                    t->device()));
+  TORCH_CHECK(!bias.has_value() || bias->device() == x.device(),
+              msg("quant_gemm_decode: bias must be on ", x.device()));
   TORCH_CHECK(counters.scalar_type() == at::kInt && counters.is_contiguous(),
               "quant_gemm_decode: counters must be a contiguous int32 buffer of zeros");
   const auto [m, n, k] = check_quant_decode(x, qweight, scales, zeros, bias, bits, group_size);
@@ -80,10 +81,10 @@ at::Tensor run_decode(WorkspaceFn workspace, LaunchFn launch, const at::Tensor& 
   const int code = dtype_code(x.scalar_type(), "x");
   int64_t floats = 0, tiles = 0;
   int status = workspace(m, n, k, static_cast<int>(bits), group_size, code, &floats, &tiles);
-  TORCH_CHECK(status == kOk, "quant_gemm_decode: ", status_message(status), " while planning (M ", m, ", N ", n,
-              ", K ", k, ")");
-  TORCH_CHECK(counters.numel() >= tiles, "quant_gemm_decode: the counters buffer holds ", counters.numel(),
-              " entries, this launch needs ", tiles);
+  TORCH_CHECK(status == kOk, msg("quant_gemm_decode: ", status_message(status), " while planning (M ", m, ", N ", n,
+                  ", K ", k, ")"));
+  TORCH_CHECK(counters.numel() >= tiles, msg("quant_gemm_decode: the counters buffer holds ", counters.numel(),
+                  " entries, this launch needs ", tiles));
   at::Tensor scratch;
   if (floats > 0) scratch = at::empty({floats}, x.options().dtype(at::kFloat));
   const int64_t x_stride = m > 1 ? x.stride(0) : k;  // one row: its stride is never used
@@ -92,8 +93,8 @@ at::Tensor run_decode(WorkspaceFn workspace, LaunchFn launch, const at::Tensor& 
       bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), floats > 0 ? scratch.data_ptr<float>() : nullptr,
       floats, counters.data_ptr<int32_t>(), counters.numel(), m, n, k, static_cast<int>(bits), group_size, code,
       current_stream(x.device()));
-  TORCH_CHECK(status == kOk, "quant_gemm_decode: ", status_message(status), " (x ", x.sizes(), " strides ",
-              x.strides(), " ", x.scalar_type(), ", N ", n, ", ", bits, " bits, group ", group_size, ")");
+  TORCH_CHECK(status == kOk, msg("quant_gemm_decode: ", status_message(status), " (x ", x.sizes(), " strides ",
+                  x.strides(), " ", x.scalar_type(), ", N ", n, ", ", bits, " bits, group ", group_size, ")"));
   return y;
 }
 

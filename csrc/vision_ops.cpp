@@ -20,35 +20,35 @@ namespace {
 
 // Shape and dtype checks shared by the CUDA and Meta kernels; returns head_dim.
 int64_t check_rotary(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads) {
-  TORCH_CHECK(qkv.dim() == 2, "rotary_2d_: qkv must be (S, 3*H*D), got shape ", qkv.sizes());
+  TORCH_CHECK(qkv.dim() == 2, msg("rotary_2d_: qkv must be (S, 3*H*D), got shape ", qkv.sizes()));
   TORCH_CHECK(num_heads > 0 && num_heads <= INT_MAX && qkv.size(1) % (3 * num_heads) == 0,
-              "rotary_2d_: qkv's width ", qkv.size(1), " is not 3 * num_heads (", num_heads, ") * head_dim");
+              msg("rotary_2d_: qkv's width ", qkv.size(1), " is not 3 * num_heads (", num_heads, ") * head_dim"));
   const int64_t s = qkv.size(0), d = qkv.size(1) / (3 * num_heads);
-  TORCH_CHECK(d == 64 || d == 80 || d == 128, "rotary_2d_: head_dim must be 64, 80 or 128, got ", d);
+  TORCH_CHECK(d == 64 || d == 80 || d == 128, msg("rotary_2d_: head_dim must be 64, 80 or 128, got ", d));
   TORCH_CHECK(qkv.stride(1) == 1 && (s <= 1 || qkv.stride(0) >= qkv.size(1)),
-              "rotary_2d_: qkv's rows must be contiguous and not overlap, got strides ", qkv.strides());
+              msg("rotary_2d_: qkv's rows must be contiguous and not overlap, got strides ", qkv.strides()));
   dtype_code(qkv.scalar_type(), "rotary_2d_: qkv");
   for (const at::Tensor* t : {&cos, &sin}) {
     const char* name = t == &cos ? "cos" : "sin";
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "rotary_2d_: ", name, " must be float32, got ", t->scalar_type());
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == s && t->size(1) == d, "rotary_2d_: ", name, " must be (S, D) = (", s,
-                ", ", d, "), got ", t->sizes());
-    TORCH_CHECK(t->is_contiguous(), "rotary_2d_: ", name, " must be contiguous, got strides ", t->strides());
+    TORCH_CHECK(t->scalar_type() == at::kFloat, msg("rotary_2d_: ", name, " must be float32, got ", t->scalar_type()));
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == s && t->size(1) == d, msg("rotary_2d_: ", name, " must be (S, D) = (", s,
+                    ", ", d, "), got ", t->sizes()));
+    TORCH_CHECK(t->is_contiguous(), msg("rotary_2d_: ", name, " must be contiguous, got strides ", t->strides()));
   }
   return d;
 }
 
 void rotary_2d_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads) {
-  TORCH_CHECK(qkv.is_cuda(), "rotary_2d_: qkv must be a CUDA tensor, got ", qkv.device());
-  TORCH_CHECK(cos.device() == qkv.device() && sin.device() == qkv.device(), "rotary_2d_: cos and sin must be on ",
-              qkv.device(), " with qkv, got ", cos.device(), " and ", sin.device());
+  TORCH_CHECK(qkv.is_cuda(), msg("rotary_2d_: qkv must be a CUDA tensor, got ", qkv.device()));
+  TORCH_CHECK(cos.device() == qkv.device() && sin.device() == qkv.device(), msg("rotary_2d_: cos and sin must be on ",
+                  qkv.device(), " with qkv, got ", cos.device(), " and ", sin.device()));
   const int64_t d = check_rotary(qkv, cos, sin, num_heads);
   const c10::DeviceGuard guard(qkv.device());
   const int status = qwen2vl_rotary_2d(qkv.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), qkv.size(0),
                                        static_cast<int>(num_heads), static_cast<int>(d), qkv.stride(0),
                                        dtype_code(qkv.scalar_type(), "qkv"), current_stream(qkv.device()));
-  TORCH_CHECK(status == kOk, "rotary_2d_: ", status_message(status), " (qkv ", qkv.sizes(), " strides ",
-              qkv.strides(), " ", qkv.scalar_type(), ", num_heads ", num_heads, ")");
+  TORCH_CHECK(status == kOk, msg("rotary_2d_: ", status_message(status), " (qkv ", qkv.sizes(), " strides ",
+                  qkv.strides(), " ", qkv.scalar_type(), ", num_heads ", num_heads, ")"));
 }
 
 void rotary_2d_meta(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads) {
@@ -61,19 +61,19 @@ void rotary_2d_meta(const at::Tensor& qkv, const at::Tensor& cos, const at::Tens
 std::array<int64_t, 2> check_patch_gather(const at::Tensor& frames, at::ArrayRef<double> mean,
                                           at::ArrayRef<double> std, int64_t patch, int64_t temporal_patch,
                                           int64_t merge, c10::ScalarType dtype) {
-  TORCH_CHECK(frames.dim() == 4, "patch_gather: frames must be (T, C, H, W), got shape ", frames.sizes());
-  TORCH_CHECK(frames.scalar_type() == at::kByte, "patch_gather: frames must be uint8, got ", frames.scalar_type());
+  TORCH_CHECK(frames.dim() == 4, msg("patch_gather: frames must be (T, C, H, W), got shape ", frames.sizes()));
+  TORCH_CHECK(frames.scalar_type() == at::kByte, msg("patch_gather: frames must be uint8, got ", frames.scalar_type()));
   const int64_t t = frames.size(0), c = frames.size(1), h = frames.size(2), w = frames.size(3);
-  TORCH_CHECK(c >= 1 && c <= kPatchGatherMaxChannels, "patch_gather: at most ", kPatchGatherMaxChannels,
-              " channels, got ", c);
-  TORCH_CHECK(static_cast<int64_t>(mean.size()) == c && static_cast<int64_t>(std.size()) == c, "patch_gather: ",
-              c, " channels but ", mean.size(), " means and ", std.size(), " stds");
+  TORCH_CHECK(c >= 1 && c <= kPatchGatherMaxChannels, msg("patch_gather: at most ", kPatchGatherMaxChannels,
+                  " channels, got ", c));
+  TORCH_CHECK(static_cast<int64_t>(mean.size()) == c && static_cast<int64_t>(std.size()) == c, msg("patch_gather: ",
+                  c, " channels but ", mean.size(), " means and ", std.size(), " stds"));
   TORCH_CHECK(patch >= 1 && patch <= 64 && temporal_patch >= 1 && temporal_patch <= 16 && merge >= 1 && merge <= 16,
-              "patch_gather: patch (1..64), temporal_patch (1..16) or merge (1..16) out of range: ", patch, ", ",
-              temporal_patch, ", ", merge);
+              msg("patch_gather: patch (1..64), temporal_patch (1..16) or merge (1..16) out of range: ", patch, ", ",
+                  temporal_patch, ", ", merge));
   const int64_t side = patch * merge;
-  TORCH_CHECK(h % side == 0 && w % side == 0, "patch_gather: frame size ", h, "x", w,
-              " is not a multiple of patch * merge = ", side);
+  TORCH_CHECK(h % side == 0 && w % side == 0, msg("patch_gather: frame size ", h, "x", w,
+                  " is not a multiple of patch * merge = ", side));
   dtype_code(dtype, "patch_gather: dtype");
   const int64_t rows = (t + temporal_patch - 1) / temporal_patch * (h / patch) * (w / patch);
   return {rows, c * temporal_patch * patch * patch};
@@ -81,9 +81,9 @@ std::array<int64_t, 2> check_patch_gather(const at::Tensor& frames, at::ArrayRef
 
 at::Tensor patch_gather_cuda(const at::Tensor& frames, at::ArrayRef<double> mean, at::ArrayRef<double> std,
                              int64_t patch, int64_t temporal_patch, int64_t merge, c10::ScalarType dtype) {
-  TORCH_CHECK(frames.is_cuda(), "patch_gather: frames must be a CUDA tensor, got ", frames.device());
+  TORCH_CHECK(frames.is_cuda(), msg("patch_gather: frames must be a CUDA tensor, got ", frames.device()));
   const auto shape = check_patch_gather(frames, mean, std, patch, temporal_patch, merge, dtype);
-  TORCH_CHECK(frames.is_contiguous(), "patch_gather: frames must be contiguous, got strides ", frames.strides());
+  TORCH_CHECK(frames.is_contiguous(), msg("patch_gather: frames must be contiguous, got strides ", frames.strides()));
   at::Tensor out = at::empty({shape[0], shape[1]}, frames.options().dtype(dtype));
   if (out.numel() == 0) return out;
   float mean32[kPatchGatherMaxChannels], std32[kPatchGatherMaxChannels];
@@ -97,8 +97,8 @@ at::Tensor patch_gather_cuda(const at::Tensor& frames, at::ArrayRef<double> mean
                                           std32, static_cast<int>(patch), static_cast<int>(temporal_patch),
                                           static_cast<int>(merge), dtype_code(dtype, "dtype"),
                                           current_stream(frames.device()));
-  TORCH_CHECK(status == kOk, "patch_gather: ", status_message(status), " (frames ", frames.sizes(), ", patch ",
-              patch, ", temporal_patch ", temporal_patch, ", merge ", merge, ", ", dtype, ")");
+  TORCH_CHECK(status == kOk, msg("patch_gather: ", status_message(status), " (frames ", frames.sizes(), ", patch ",
+                  patch, ", temporal_patch ", temporal_patch, ", merge ", merge, ", ", dtype, ")"));
   return out;
 }
 

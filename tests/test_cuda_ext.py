@@ -428,6 +428,67 @@ def test_cuda_kernels_reject_bad_input_without_a_gpu(binding):
                         "counters must be a contiguous int32")
 
 
+def test_binding_messages_print_sizes_dtypes_and_devices_as_torch_does(binding):
+    """The bindings build their messages with msg() (std::to_string, no iostreams: see csrc/binding_utils.h); the
+    texts read as torch prints sizes, strides, dtypes and devices."""
+    bf16, f32 = torch.bfloat16, torch.float32
+    qkv, cos = StoragelessCuda((8, 480), bf16), StoragelessCuda((8, 80), f32)
+    cases = [
+        (lambda: binding.rotary_2d_(StoragelessCuda((8, 480), bf16, strides=(1, 8)), cos, cos, 2),
+         "rotary_2d_: qkv's rows must be contiguous and not overlap, got strides [1, 8]"),
+        (lambda: binding.rotary_2d_(qkv, StoragelessCuda((8, 40), f32), cos, 2),
+         "rotary_2d_: cos must be (S, D) = (8, 80), got [8, 40]"),
+        (lambda: binding.rotary_2d_(StoragelessCuda((480,), bf16), cos, cos, 2),
+         "rotary_2d_: qkv must be (S, 3*H*D), got shape [480]"),
+        (lambda: binding.rotary_2d_(StoragelessCuda((8, 480), torch.int32), cos, cos, 2),
+         "rotary_2d_: qkv must be float32, float16 or bfloat16, got Int"),
+        (lambda: binding.rotary_2d_(qkv, torch.zeros(8, 80), cos, 2),
+         "rotary_2d_: cos and sin must be on cuda:0 with qkv, got cpu and cuda:0"),
+        (lambda: binding.quant_gemm_decode(StoragelessCuda((2, 128), bf16), StoragelessCuda((16, 72), torch.int32),
+                                           StoragelessCuda((4, 72), bf16), StoragelessCuda((4, 72), bf16), None, 4,
+                                           48, StoragelessCuda((64,), torch.int32)),
+         "quant_gemm_decode: group_size 48 must be -1 or divide K = 128 and be a multiple of 32"),
+        (lambda: binding.quant_gemm_decode(StoragelessCuda((2, 128), bf16), StoragelessCuda((16, 72), torch.int32),
+                                           StoragelessCuda((4, 72), bf16), StoragelessCuda((4, 72), bf16), None, 5,
+                                           32, StoragelessCuda((64,), torch.int32)),
+         "quant_gemm_decode: bits must be 4 or 8, got 5"),
+    ]
+    for call, text in cases:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert str(info.value).splitlines()[0] == text
+
+
+def test_every_binding_check_message_is_built_by_msg():
+    """No TORCH_CHECK of csrc/ hands c10::str more than one piece (its ostringstream path): a message is one string
+    literal or one msg(...) call."""
+    offenders = []
+    for path in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")):
+        source = re.sub(r"//[^\n]*", "", path.read_text())
+        for m in re.finditer(r"\bTORCH_CHECK\(", source):
+            args, depth, i, start, quote = [], 1, m.end(), m.end(), None
+            while depth:
+                c = source[i]
+                if quote:
+                    quote = None if c == quote and source[i - 1] != "\\" else quote
+                elif c in "\"'":
+                    quote = c
+                elif c in "([{":
+                    depth += 1
+                elif c in ")]}":
+                    depth -= 1
+                elif c == "," and depth == 1:
+                    args.append(source[start:i].strip())
+                    start = i + 1
+                i += 1
+            args.append(source[start:i - 1].strip())
+            message = args[1:]
+            ok = len(message) <= 1 and (not message or message[0].startswith(("msg(", '"')))
+            if not ok:
+                offenders.append(f"{path.name}:{source.count(chr(10), 0, m.start()) + 1}: {args[0][:60]}")
+    assert not offenders, "TORCH_CHECK messages not built by msg():\n" + "\n".join(offenders)
+
+
 def test_binding_quant_gemm_decode(binding):
     """csrc/quant_ops.cpp: the schema, Meta shapes and every argument check (the kernel: test_cuda_quant_decode)."""
     assert str(binding.quant_gemm_decode.default._schema) == (
