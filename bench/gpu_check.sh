@@ -5,30 +5,31 @@
 # bench/results/gpu_check-nvidia-h200-20261130.md) except bench-2b-compile's compile share, an estimate:
 #   env             7   nvidia-smi, versions
 #   install        26   pip install -e . offline, the CUDA extension built for sm_90a only (QWEN2VL_FAST_CUDA_ARCHS)
+#   diagnose-ext   45   bench/diagnose_cuda_ext_errors.py: the bad-input calls of _C that crashed there, each in its own
+#                       process (an estimate: not yet run), before the tests that make the same calls
 #   gpu-tests      92   pytest -m gpu (pytest-xdist with 4 workers where installed: the Triton compiles overlap)
 #   gemm           44   bench_gemm.py: the 27 GEMM shapes (vision 6144/1536 rows, LLM M = 1, lm_head at M = 1
 #                       and 1600) vs cuBLAS, torch.compile and the measured dispatch
 #   vision-tower   36   bench_vision_tower.py 1344x896, Qwen2-VL and Qwen2.5-VL ViTs, ours (auto) vs transformers
 #   bench-2b-compile 150  bench_model_forward.py qwen2-vl-2b, ours (auto, tuned) vs transformers sdpa and
 #                       transformers + torch.compile (bench-2b alone, without the compiled side: 45 s)
-#   total         355   of the 560 s budget (GPU_CHECK_BUDGET_S)
-# Opt-in steps (name them in GPU_CHECK_STEPS; expected seconds): diagnose-ext (bench/diagnose_cuda_ext_errors.py:
-# the three GPU tests that segfaulted, call by call, each in its own process, with the environment, 45; run it
-# right after install), tests (the whole suite on CUDA, 150), decode-tests (issue 13's kernels, the device-resident
-# decode step and its graphs, on CUDA: 120 expected, not yet measured),
-# vision-kernels (attention / norms / rotary / patch embedding vs SDPA backends and torch.compile; 240 expected,
-# not yet measured: the first run timed out after its first case (likely a host-blocking candidate in the
-# queue fallback, retried with unbounded spins: bounded in bench/harness.py); it now stops itself at the step's
-# limit less 20 s and keeps its finished cases and candidates, each case within 60 s), bench-2b (without the compiled side, 45), bench-3b (qwen2.5-vl-3b, with compile,
-# 300), processing (preprocessing on CPU and GPU, 60), quant (int4/int8 GEMMs vs cuBLAS bf16, 7B and 72B layers,
-# 200), llm-kernels (decoder attention / rope / norms vs SDPA and torch.compile, 200), generate-2b (decode tok/s
-# and prefill vs transformers eager and static cache + compile, 420), generate-7b (480, writes a 16 GB
-# checkpoint first), quant-decode (7B decode tok/s bf16 / int8 / int4, 480), quant-decode-72b (72B int4 on one
+#   total         400   of the 560 s budget (GPU_CHECK_BUDGET_S): one call that, with a cold start, fits a
+#                       session's 15 minutes of device time
+# Opt-in steps (name them in GPU_CHECK_STEPS; expected seconds): tests (the whole suite on CUDA, 150), decode-tests
+# (issue 13's kernels, the device-resident decode step and its graphs, on CUDA: 120 expected, not yet measured),
+# vision-kernels (attention / norms / rotary / patch embedding vs SDPA backends and torch.compile; 240 expected, not yet
+# measured: the first run timed out after its first case (likely a host-blocking candidate in the queue fallback,
+# retried with unbounded spins: bounded in bench/harness.py); it now stops itself at the step's limit less 20 s and
+# keeps its finished cases and candidates, each case within 60 s), bench-2b (without the compiled side, 45), bench-3b
+# (qwen2.5-vl-3b, with compile, 300), processing (preprocessing on CPU and GPU, 60), quant (int4/int8 GEMMs vs cuBLAS
+# bf16, 7B and 72B layers, 200), llm-kernels (decoder attention / rope / norms vs SDPA and torch.compile, 200),
+# generate-2b (decode tok/s and prefill vs transformers eager and static cache + compile, 420), generate-7b (480, writes
+# a 16 GB checkpoint first), quant-decode (7B decode tok/s bf16 / int8 / int4, 480), quant-decode-72b (72B int4 on one
 # GPU, 480), sanitize (compute-sanitizer memcheck + racecheck on the CUDA decode GEMM's tests, 300), serve-2b
-# (bench_serve.py, engine target: 128 mixed image prompts at rate inf and 8 req/s vs static generate batches;
-# 150 expected, not yet measured), serve-http-2b (the same through `qwen2vl-fast serve` over HTTP, the server
-# started by the script, then the baseline in-process; 200 expected, not yet measured), suites-ops (`pytest bench
-# --benchmark-only --bench-suites ops`: writes $OUT/bench_suites.json, 180 expected, not yet measured).
+# (bench_serve.py, engine target: 128 mixed image prompts at rate inf and 8 req/s vs static generate batches; 150
+# expected, not yet measured), serve-http-2b (the same through `qwen2vl-fast serve` over HTTP, the server started by the
+# script, then the baseline in-process; 200 expected, not yet measured), suites-ops (`pytest bench --benchmark-only
+# --bench-suites ops`: writes $OUT/bench_suites.json, 180 expected, not yet measured).
 #
 # Every step runs under `timeout`, capped by what is left of the budget (a step that would get < 15 s is skipped);
 # a failed or timed-out step is reported and the next one still runs. A step's command sees
@@ -45,7 +46,8 @@
 # Usage, from the repository root (on the lent GPU machine `$OUT` is the folder that comes back):
 #     QWEN2VL_FAST_GIT_COMMIT=<hash here> bash bench/gpu_check.sh
 #     QWEN2VL_FAST_GIT_COMMIT=<hash> GPU_CHECK_STEPS="env install vision-kernels llm-kernels" bash bench/gpu_check.sh
-# Knobs (environment): GPU_CHECK_STEPS (default: env install gpu-tests gemm vision-tower bench-2b-compile),
+# Knobs (environment): GPU_CHECK_STEPS (default: env install diagnose-ext gpu-tests gemm vision-tower
+# bench-2b-compile),
 # GPU_CHECK_BUDGET_S (default 560), GPU_CHECK_TEST_WORKERS (pytest-xdist workers, default 4; 0: serial),
 # PYTHON (default python3), BENCH_REPS (default 10, model-level benchmarks), KERNEL_REPS (default 30, kernel
 # benchmarks: graph replays), BENCH_GEN_REPS (default 3, bench_generate and bench_quant_decode),
@@ -64,7 +66,7 @@ mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 SUMMARY_FILE="$OUT_DIR/gpu_check_summary.txt"
 PY="${PYTHON:-python3}"  # the lent machines have python3 (with torch), maybe no `python`
-STEPS="${GPU_CHECK_STEPS:-env install gpu-tests gemm vision-tower bench-2b-compile}"
+STEPS="${GPU_CHECK_STEPS:-env install diagnose-ext gpu-tests gemm vision-tower bench-2b-compile}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-560}"
 REPS="${BENCH_REPS:-10}"
 KREPS="${KERNEL_REPS:-30}"
@@ -142,6 +144,9 @@ print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() els
 $PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|numpy|pytest|pytest-xdist|setuptools) '"
     # No network there: --no-index --no-deps keep pip from retrying an index it cannot reach.
     step install 26 120 env QWEN2VL_FAST_REQUIRE_CUDA_EXT=1 "$PY" -m pip install --no-build-isolation --no-index --no-deps -e .
+    # Which bad-input calls of _C crash instead of raising (views vs integers in the message; each call in its
+    # own process; the environment's libstdc++ and compilers): writes $OUT/cuda_ext_errors.json.
+    step diagnose-ext 45 120 "$PY" bench/diagnose_cuda_ext_errors.py --out "$OUT_DIR"
     # shellcheck disable=SC2046  # the xdist arguments are meant to split
     step gpu-tests 92 150 "$PY" -m pytest -q -m gpu $(parallel_tests) tests
     step gemm 44 120 "$PY" bench/bench_gemm.py --reps "$KREPS"
@@ -149,9 +154,6 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(triton|transformers|safetensors|nump
     step bench-2b 45 120 "$PY" bench/bench_model_forward.py --preset qwen2-vl-2b --reps "$REPS" --skip-compile
 
     # Opt-in steps, in the order they run when named.
-    # Which bad-input calls of _C crash instead of raising (views vs integers in the message; each call in its
-    # own process; the environment's libstdc++ and compilers): writes $OUT/cuda_ext_errors.json.
-    step diagnose-ext 45 120 "$PY" bench/diagnose_cuda_ext_errors.py --out "$OUT_DIR"
     # shellcheck disable=SC2046
     step tests 150 240 env QWEN2VL_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -x -m "not gpu" $(parallel_tests) tests
     # Issue 13's kernels and the device-resident step on the GPU (the racy in-launch merges, bf16, the graphs)
