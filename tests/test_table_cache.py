@@ -157,6 +157,29 @@ def test_vision_metadata_hands_out_copies_so_the_cached_tables_stay_intact(fresh
                    for a, b in zip(cached, recomputed))
 
 
+def test_device_tables_are_kept_on_the_device_and_handed_out_as_device_copies(fresh_table_cache, monkeypatch):
+    """For a device other than the CPU ("meta" stands in for CUDA here) the tables are cached where they live, so
+    a repeated grid costs one device-side copy and no upload; the host copy is not kept beside them."""
+    cfg = parse_config(preset_config("qwen2-vl-2b"))
+    uploads = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        if self.device.type == "cpu" and self.numel() > 1000:
+            uploads.append(tuple(self.shape))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    grid = torch.tensor([[1, 64, 96]])
+    first = vision_metadata(cfg, grid, "meta")
+    assert first.cos.device.type == "meta" and first.cos.shape == (6144, 80) and len(uploads) == 2
+    second = vision_metadata(cfg, grid, "meta")
+    assert len(uploads) == 2  # no new upload: the cached device tables were copied on the device
+    assert fresh_table_cache.keys() == [("_device_rotary_table_cached", 80, 2, 0, 1, 64, 96, torch.device("meta"))]
+    cached_cos, cached_sin = fresh_table_cache.get(fresh_table_cache.keys()[0])
+    assert second.cos is not cached_cos and second.sin is not cached_sin and second.cos is not first.cos
+
+
 def test_table_cache_budget_comes_from_its_environment_variable(fresh_table_cache, monkeypatch):
     cfg = parse_config(preset_config("qwen2-vl-2b"))
     monkeypatch.setenv(TABLE_CACHE_ENV, "0")
