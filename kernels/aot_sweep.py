@@ -280,11 +280,14 @@ def varlen_attention_workloads(label, cfg, dtype) -> Iterator[Workload]:
     cases = [("image 1024 patches", (1024,)), ("image 4096 patches", (4096,))]
     if v.uses_windows:
         cases.append(("windows 64 x 64", (64,) * 64))
-    for what, lengths in cases:
-        def run(lengths=lengths):
+    # the raced LONG alternatives (the dispatch's varlen_attention variants) on the large image
+    variants = [(what, lengths, None) for what, lengths in cases]
+    variants += [(f"image 4096 patches variant={name}", (4096,), name) for name in varlen_attention.LONG_VARIANTS]
+    for what, lengths, variant in variants:
+        def run(lengths=lengths, variant=variant):
             s = sum(lengths)
             q, k, vv = _empty(s, 3 * v.embed_dim, dtype=dt).view(s, 3, v.num_heads, v.head_dim).unbind(1)
-            varlen_attention.varlen_attention(q, k, vv, _Segments.of(lengths), v.head_dim ** -0.5)
+            varlen_attention.varlen_attention(q, k, vv, _Segments.of(lengths), v.head_dim ** -0.5, variant=variant)
         yield Workload("varlen_attention", f"{label(dt)} {what} heads={v.num_heads} D={v.head_dim}", run)
 
 
@@ -516,6 +519,8 @@ class Specialiser:
         config = dtype + " " + " ".join(f"{names[path[0]]}={value}" for path, value in constexprs.items()
                           if value is not None and names[path[0]].isupper())
         config += f" warps={options.num_warps} stages={options.num_stages}"
+        if getattr(options, "maxnreg", None):
+            config += f" maxnreg={options.maxnreg}"
         return Job(kernel.fn.__module__, kernel.fn.__name__, family, signature, constexprs,
                    {path: list(map(list, v)) for path, v in attrs.items()}, dict(options.__dict__), config)
 

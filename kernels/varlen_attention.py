@@ -192,6 +192,7 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    maxnreg: Optional[int] = None  # ptxas's register cap per thread (None: ptxas chooses)
 
 
 # Launch configurations for Hopper (H100/H200) at head_dim 80, chosen by reasoning and checked by compiling for
@@ -216,14 +217,29 @@ _SHORT = Config(block_m=64, block_n=64, num_warps=4, num_stages=2)
 _FP32 = Config(block_m=32, block_n=32, num_warps=8, num_stages=2)
 _MIN_PROGRAMS_FOR_LONG = 2 * 132  # two waves on an H100 SXM (132 SMs)
 
+# The LONG alternatives named above, raced against it by the measured dispatch (ops/attention.py registers each
+# as a variant of varlen_attention): which one wins at head_dim 80 is a question for the GPU, not for reasoning.
+# Same BLOCK_M, so the same tile tables. ptxas (sm_90a, bf16, D 80; the AOT sweep checks them in CI):
+# - "n128": BLOCK_N 128, 2 stages: half the softmax passes and loop iterations per tile; 252 registers, no
+#   spills, 101 KB shared: 1 CTA/SM;
+# - "2cta": LONG capped at 128 registers per thread (no spills), 82 KB shared: 2 CTAs/SM, one's softmax under the
+#   other's MMAs.
+LONG_VARIANTS = {
+    "n128": Config(block_m=128, block_n=128, num_warps=8, num_stages=2),
+    "2cta": Config(block_m=128, block_n=64, num_warps=8, num_stages=3, maxnreg=128),
+}
 
-def pick_config(dtype: torch.dtype, max_seqlen: int, total: int, heads: int) -> Config:
-    """The launch configuration for a (dtype, longest segment, packed length, heads) case; see the table above."""
+
+def pick_config(dtype: torch.dtype, max_seqlen: int, total: int, heads: int, variant: Optional[str] = None) -> Config:
+    """The launch configuration for a (dtype, longest segment, packed length, heads) case; see the table above.
+    `variant` (a LONG_VARIANTS name) replaces the LONG configuration where that one would run, and only there."""
+    if variant is not None and variant not in LONG_VARIANTS:
+        raise ValueError(f"unknown varlen attention variant {variant!r}; known: {sorted(LONG_VARIANTS)}")
     if dtype == torch.float32:
         return _FP32
     if max_seqlen <= 128 or triton.cdiv(total, _LONG.block_m) * heads < _MIN_PROGRAMS_FOR_LONG:
         return _SHORT
-    return _LONG
+    return _LONG if variant is None else LONG_VARIANTS[variant]
 
 
 def split_head_dim(d: int) -> tuple[int, int]:
@@ -319,6 +335,7 @@ def _launch(q, k, v, seg_ids, tiles, scale, cfg: Config, out=None) -> torch.Tens
         D_MAIN=d_main, D_TAIL=d_tail, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION=precision,
         WHILE_LOOP=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
     )
     return out
 
@@ -326,24 +343,26 @@ def _launch(q, k, v, seg_ids, tiles, scale, cfg: Config, out=None) -> torch.Tens
 @torch.library.custom_op("qwen2vl_fast::varlen_attention_triton", mutates_args=())
 def varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_ids: torch.Tensor,
                         tiles: torch.Tensor, scale: float, block_m: int, block_n: int, num_warps: int,
-                        num_stages: int) -> torch.Tensor:
-    """The launch as one graph node for torch.compile / CUDA graphs. tiles must come from plan_tiles(block_m)."""
-    return _launch(q, k, v, seg_ids, tiles, scale, Config(block_m, block_n, num_warps, num_stages))
+                        num_stages: int, maxnreg: int) -> torch.Tensor:
+    """The launch as one graph node for torch.compile / CUDA graphs. tiles must come from plan_tiles(block_m);
+    maxnreg 0: no register cap."""
+    return _launch(q, k, v, seg_ids, tiles, scale, Config(block_m, block_n, num_warps, num_stages, maxnreg or None))
 
 
 @varlen_attention_op.register_fake
-def _(q, k, v, seg_ids, tiles, scale, block_m, block_n, num_warps, num_stages):
+def _(q, k, v, seg_ids, tiles, scale, block_m, block_n, num_warps, num_stages, maxnreg):
     return q.new_empty(q.shape)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta, scale: float,
-                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, variant: Optional[str] = None) -> torch.Tensor:
     """Non-causal attention within each segment of `meta` (a VarlenMeta), the Triton implementation.
 
     q, k, v: (S, H, D) fp16 / bf16 / fp32, any strides with a unit last-dim stride (the model passes views of the
     fused (S, 3*H*D) qkv buffer; nothing is copied). S = sum(meta.lengths); D see `split_head_dim`.
     Returns a new contiguous (S, H, D) tensor in q's dtype (the custom op), or writes `out` (any (S, H, D)
     tensor of q's dtype with a unit last-dim stride; eager call, outside the custom op) and returns it.
+    `variant`: a LONG_VARIANTS configuration instead of LONG (the dispatch's candidates).
     """
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must be (S, H, D) of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -357,11 +376,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta, sc
     plan = prepare(meta, q.device)
     if plan.total != q.shape[0]:
         raise ValueError(f"q has {q.shape[0]} rows but the segments cover {plan.total}")
-    cfg = pick_config(q.dtype, int(meta.max_seqlen), plan.total, q.shape[1])
+    cfg = pick_config(q.dtype, int(meta.max_seqlen), plan.total, q.shape[1], variant)
     if out is not None:
         if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
             raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a unit last-dim stride; "
                              f"got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
         return _launch(q, k, v, plan.seg_ids, plan.tiles(cfg.block_m), scale, cfg, out=out)
     return varlen_attention_op(q, k, v, plan.seg_ids, plan.tiles(cfg.block_m), float(scale), cfg.block_m,
-                               cfg.block_n, cfg.num_warps, cfg.num_stages)
+                               cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.maxnreg or 0)

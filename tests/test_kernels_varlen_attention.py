@@ -72,12 +72,17 @@ def test_matches_reference(triton_device, lengths, dtype):
     check(K.varlen_attention(q, k, v, meta, d ** -0.5), q, k, v, meta, d ** -0.5)
 
 
-@pytest.mark.parametrize("config", ["_LONG", "_SHORT", "_FP32"])
+def _config(name):
+    """A config of the table by name: "_LONG", or "variant:n128" for LONG_VARIANTS["n128"]."""
+    return K.LONG_VARIANTS[name.split(":")[1]] if name.startswith("variant:") else getattr(K, name)
+
+
+@pytest.mark.parametrize("config", ["_LONG", "_SHORT", "_FP32", "variant:n128", "variant:2cta"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_launch_config(triton_device, monkeypatch, config, dtype):
     """Each tile shape of the config table on the same packing, whatever dtype it is picked for here. With
     BLOCK_M 128 the 70+50+5 pack spans two key blocks: the 50-row window sees none of its keys in the first."""
-    monkeypatch.setattr(K, "pick_config", lambda *a: getattr(K, config))
+    monkeypatch.setattr(K, "pick_config", lambda *a: _config(config))
     lengths = [300, 70, 50, 5, 64, 1]
     meta = VarlenMeta.from_lengths(lengths, triton_device)
     q, k, v = qkv_views(sum(lengths), 2, 80, dtype, triton_device)
@@ -195,12 +200,37 @@ def test_registered_as_the_triton_implementation(triton_device):
                                **FP32_TOL)
 
 
+def test_long_variants_replace_only_the_long_config_and_are_raced_candidates(triton_device):
+    """pick_config's `variant` swaps LONG for a LONG_VARIANTS entry where LONG would run (long 16-bit segments with
+    enough tiles) and nowhere else; `auto` has each as a candidate of varlen_attention, and each gives the
+    reference's result (here through the SHORT / FP32 configs it falls back to at this size)."""
+    bf16, f32 = torch.bfloat16, torch.float32
+    for name, cfg in K.LONG_VARIANTS.items():
+        assert K.pick_config(bf16, 6144, 6144, 16, variant=name) == cfg != K._LONG
+        assert K.pick_config(bf16, 6144, 6144, 16) == K._LONG
+        assert K.pick_config(bf16, 64, 6144, 16, variant=name) == K._SHORT  # windows
+        assert K.pick_config(bf16, 256, 256, 2, variant=name) == K._SHORT  # too few tiles for LONG
+        assert K.pick_config(f32, 6144, 6144, 16, variant=name) == K._FP32
+    with pytest.raises(ValueError, match="unknown varlen attention variant"):
+        K.pick_config(bf16, 6144, 6144, 16, variant="n256")
+    from qwen2vl_fast.ops.registry import _OPS
+
+    variants = _OPS["varlen_attention"].variants
+    assert {"triton-n128", "triton-2cta"} <= set(variants)
+    meta = VarlenMeta.from_lengths([17, 3], triton_device)
+    q, k, v = qkv_views(20, 2, 16, torch.float32, triton_device)
+    for label in ("triton-n128", "triton-2cta"):
+        fn, runs = variants[label]
+        assert not runs(torch.device("cpu"), False)  # auto never races an interpreted kernel on the CPU
+        torch.testing.assert_close(fn(q, k, v, meta, 0.25), reference(q, k, v, meta, 0.25), **FP32_TOL)
+
+
 def test_custom_op_traces_as_one_node(triton_device):
     """torch.compile sees the launch as one opaque node (register_fake gives its output's shape)."""
     meta = VarlenMeta.from_lengths([17, 3], triton_device)
     q, k, v = qkv_views(20, 2, 16, torch.float32, triton_device)
     plan = K.prepare(meta, triton_device)
-    args = (q, k, v, plan.seg_ids, plan.tiles(64), 0.25, 64, 32, 4, 2)
+    args = (q, k, v, plan.seg_ids, plan.tiles(64), 0.25, 64, 32, 4, 2, 0)
     compiled = torch.compile(torch.ops.qwen2vl_fast.varlen_attention_triton, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(*args), reference(q, k, v, meta, 0.25), **FP32_TOL)
 
@@ -215,7 +245,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from qwen2vl_fast.kernels import varlen_attention as K
 
-cfg = getattr(K, sys.argv[1])
+cfg = K.LONG_VARIANTS[sys.argv[1].split(":")[1]] if sys.argv[1].startswith("variant:") else getattr(K, sys.argv[1])
 fn = K._varlen_attention_kernel
 sig = {n: "*bf16" for n in ("Q_ptr", "K_ptr", "V_ptr", "O_ptr")}
 sig.update({"Seg_ptr": "*i32", "Tiles_ptr": "*i32", "qk_scale": "fp32"})
@@ -227,7 +257,8 @@ sig = {n: sig[n] for n in fn.arg_names}
 attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
          if n.endswith("_ptr") or n.startswith("stride_")}
 kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                     **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg})))
 ptx = kernel.asm["ptx"]
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 with tempfile.TemporaryDirectory() as d:
@@ -240,7 +271,7 @@ print(json.dumps(dict(wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp
 """
 
 
-@pytest.mark.parametrize("config", ["_LONG", "_SHORT"])
+@pytest.mark.parametrize("config", ["_LONG", "_SHORT", "variant:n128", "variant:2cta"])
 def test_gpu_path_compiles_for_hopper(config):
     """The GPU code path (the `for` key loop the interpreter cannot run) compiled for sm_90a without a GPU:
     tensor-core wgmma for the 64 + 16 head-dim split, a software-pipelined (cp.async) key loop, no spills."""
@@ -260,3 +291,5 @@ def test_gpu_path_compiles_for_hopper(config):
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["wgmma"] > 0 and info["cp_async"] > 0, info
     assert info["spills"] and max(info["spills"]) == 0 and max(info["registers"]) <= 255, info
+    cap = _config(config).maxnreg
+    assert cap is None or max(info["registers"]) <= cap, info  # 2cta: two 256-thread CTAs fit the register file

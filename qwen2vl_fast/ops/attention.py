@@ -144,7 +144,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padd
 
 
 # ------------------------------------------------------------------------------- fast implementations
-from .registry import implementation, triton_auto_on, triton_runs_on  # noqa: E402
+from .registry import implementation, triton_auto_on, triton_runs_on, variant  # noqa: E402
 
 
 @implementation("varlen_attention", "triton", runs_on=triton_runs_on, auto_on=triton_auto_on)
@@ -154,3 +154,19 @@ def varlen_attention_triton(q, k, v, meta: VarlenMeta, scale: float):
     from qwen2vl_fast.kernels.varlen_attention import varlen_attention as launch
 
     return launch(q, k, v, meta, scale)
+
+
+def _varlen_attention_variant(name: str):
+    """The Triton kernel with its LONG_VARIANTS[name] launch configuration (long 16-bit segments), which `auto`
+    races against the default configuration and SDPA at the call's shape."""
+    def run(q, k, v, meta: VarlenMeta, scale: float):
+        from qwen2vl_fast.kernels.varlen_attention import varlen_attention as launch
+
+        return launch(q, k, v, meta, scale, variant=name)
+
+    run.__name__ = run.__qualname__ = f"varlen_attention_triton_{name}"
+    return variant("varlen_attention", f"triton-{name}", runs_on=triton_runs_on, auto_on=triton_auto_on)(run)
+
+
+varlen_attention_triton_n128 = _varlen_attention_variant("n128")
+varlen_attention_triton_2cta = _varlen_attention_variant("2cta")
