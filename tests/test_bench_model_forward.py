@@ -66,3 +66,29 @@ def test_vision_tower_smoke_times_both_sides_the_same_way(tmp_path, monkeypatch,
     assert ours["rel_err_vs_reference"] < 1e-4
     padding = "pad_mlp_widths" if importlib.util.find_spec("qwen2vl_fast.align") else "none (no qwen2vl_fast.align)"
     assert ours["mlp_padding"] == padding  # the runtime's layout: 88 -> 128 wide where the package pads
+
+
+def test_low_precision_run_is_judged_against_transformers_in_fp32(tmp_path, monkeypatch, device):
+    """A bf16 run also runs transformers once in fp32 on the same weights and reports DESIGN.md's rule: our error
+    against those logits within twice transformers' own bf16 error."""
+    monkeypatch.setenv("QWEN2VL_FAST_BENCH_CACHE", str(tmp_path / "ckpt"))
+    monkeypatch.delenv("QWEN2VL_FAST_BENCH_OUT", raising=False)
+    monkeypatch.delenv("QWEN2VL_FAST_BENCH_BUNDLE", raising=False)
+    out = tmp_path / "results"
+    rc = bench_model_forward.main(["--preset", "tiny-qwen2-vl", "--image", "56x84", "--text-tokens", "8",
+                                   "--device", str(device), "--dtype", "bfloat16", "--reps", "1", "--warmup", "0",
+                                   "--skip-compile", "--out-dir", str(out)])
+    assert rc == 0
+    r = json.loads(next(out.glob("model_forward-*.json")).read_text())["result"]
+    q = r["low_precision_parity"]
+    assert q["transformers_vs_fp32"] > 0 and q["ours_vs_fp32"] > 0  # bf16 is not exact, on either side
+    assert q["within_2x"] and q["ratio"] == q["ours_vs_fp32"] / q["transformers_vs_fp32"] <= 2
+
+
+def test_low_precision_parity_rule():
+    fp32 = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    theirs, ours = fp32 + torch.tensor([[0.0, 0.0, 0.0, 0.1]]), fp32 + torch.tensor([[0.0, 0.0, 0.0, 0.3]])
+    q = bench_model_forward.low_precision_parity(ours, theirs, fp32)
+    assert abs(q["ratio"] - 3.0) < 1e-5 and not q["within_2x"]
+    assert q["top1_agree_ours_fp32"] == q["top1_agree_transformers_fp32"] == 1.0
+    assert bench_model_forward.low_precision_parity(theirs, ours, fp32)["within_2x"]
