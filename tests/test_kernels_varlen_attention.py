@@ -213,9 +213,7 @@ def test_long_variants_replace_only_the_long_config_and_are_raced_candidates(tri
         assert K.pick_config(f32, 6144, 6144, 16, variant=name) == K._FP32
     with pytest.raises(ValueError, match="unknown varlen attention variant"):
         K.pick_config(bf16, 6144, 6144, 16, variant="n256")
-    from qwen2vl_fast.ops.registry import _OPS
-
-    variants = _OPS["varlen_attention"].variants
+    variants = get_op("varlen_attention").variants
     assert {"triton-n128", "triton-2cta"} <= set(variants)
     meta = VarlenMeta.from_lengths([17, 3], triton_device)
     q, k, v = qkv_views(20, 2, 16, torch.float32, triton_device)

@@ -81,28 +81,32 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Va
     q, k, v: (S, H, D) with S = sum(meta.lengths); returns (S, H, D). Softmax in fp32 where SDPA does it.
     """
     groups = meta.groups()
-    out = None
+    if len(groups) == 1 and q.shape[0]:
+        # One length covering the whole sequence (one image's full-attention layer): SDPA's fused kernels write
+        # (B, L, H, D) memory, so the run's output is returned as a view, with no copy into an (S, H, D) `out`
+        # (a 16 MB round trip per ViT layer at 1344x896).
+        length, starts = groups[0]
+        return _sdpa_run(q, k, v, 0, len(starts), length, scale)
+    out = torch.empty_like(q)
     for length, starts in groups:
         n = len(starts)
         if starts[-1] - starts[0] == (n - 1) * length:  # one contiguous run (a full-attention layer, a grid of
             # equal windows): views, no gather; this is as fast as SDPA on the segments themselves
-            span = slice(starts[0], starts[0] + n * length)
-            qs, ks, vs = (t[span].view(n, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(1, 2)
-            if len(groups) == 1 and n * length == q.shape[0]:
-                # The whole sequence in one call (one image's full-attention layer): SDPA's fused kernels write
-                # (B, L, H, D) memory, so this is a view, and the (S, H, D) copy into `out` (a 16 MB round trip
-                # per ViT layer at 1344x896) is saved.
-                return o.reshape(n * length, *q.shape[1:])
-            out = torch.empty_like(q) if out is None else out
-            out[span] = o.reshape(n * length, *q.shape[1:])
+            out[starts[0]:starts[0] + n * length] = _sdpa_run(q, k, v, starts[0], n, length, scale)
             continue
-        out = torch.empty_like(q) if out is None else out
         idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
         qs, ks, vs = (t.index_select(0, idx).view(n, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
         out.index_copy_(0, idx, o.transpose(1, 2).reshape(n * length, *q.shape[1:]))
-    return torch.empty_like(q) if out is None else out  # None: no segments (S = 0)
+    return out
+
+
+def _sdpa_run(q, k, v, start: int, n: int, length: int, scale: float) -> torch.Tensor:
+    """SDPA over n back-to-back segments of `length` rows from `start`, on views of q, k, v: (n * length, H, D)."""
+    span = slice(start, start + n * length)
+    qs, ks, vs = (t[span].view(n, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+    return o.transpose(1, 2).reshape(n * length, *q.shape[1:])
 
 
 @reference("causal_attention")
